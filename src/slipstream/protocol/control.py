@@ -1,0 +1,83 @@
+"""Control-channel messages: JSON objects, one per line, over the SSH "slipstream" subsystem.
+
+The control channel is reliable and ordered, so it carries everything that must not be lost
+or reordered: the session negotiation, the file manifest, per-file readiness (which also
+fixes the global block numbering, see ``docs/protocol.md``), checksums and confirmations.
+Bulk data never goes here.
+
+This module only frames and checks messages; it performs no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slipstream.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 1 << 20  # a manifest entry is small; a longer line is a broken or hostile peer
+
+# Message types ("t"). Client -> server: OPEN. Server -> client: ACCEPT, ERROR.
+# Sender -> receiver: FILE, DIR, FILE_END, EOF. Receiver -> sender: READY, SKIP, FILE_DONE,
+# DONE. Either side: ERROR (fatal for the session), RATE (live rate change request).
+OPEN = "open"
+ACCEPT = "accept"
+ERROR = "error"
+FILE = "file"
+DIR = "dir"
+FILE_END = "file_end"
+EOF = "eof"
+READY = "ready"
+SKIP = "skip"
+FILE_DONE = "file_done"
+DONE = "done"
+RATE = "rate"
+
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    OPEN: ("v", "spec"),
+    ACCEPT: ("session_id", "udp_port", "cipher", "secret", "block_payload"),
+    ERROR: ("error",),
+    FILE: ("id", "path", "size"),
+    DIR: ("path",),
+    FILE_END: ("id", "digest"),
+    EOF: ("files",),
+    READY: ("id", "first_block", "count", "offset"),
+    SKIP: ("id", "reason"),
+    FILE_DONE: ("id",),
+    DONE: (),
+    RATE: (),
+}
+
+
+def encode(msg_type: str, **fields: Any) -> bytes:
+    """One message as a UTF-8 JSON line."""
+    body = {"t": msg_type, **fields}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse and check one line from the peer; anything malformed is the peer's fault."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError("Control message too long", origin="remote")
+    try:
+        body = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(
+            "Malformed control message", internal_message=f"bad JSON: {exc}", origin="remote"
+        ) from exc
+    if not isinstance(body, dict) or not isinstance(body.get("t"), str):
+        raise ProtocolError("Malformed control message", origin="remote")
+    required = _REQUIRED.get(body["t"])
+    if required is None:
+        raise ProtocolError(
+            "Unknown control message", internal_message=f"type {body['t']!r}", origin="remote"
+        )
+    missing = [name for name in required if name not in body]
+    if missing:
+        raise ProtocolError(
+            "Incomplete control message",
+            internal_message=f"{body['t']} lacks {', '.join(missing)}",
+            origin="remote",
+        )
+    return body
