@@ -1,0 +1,307 @@
+"""A client transfer job: a TransferSpec in, files moved, events out.
+
+``transfer()`` is the public Python API (``slipstream.transfer``); the CLI and the agent call
+it. It opens the SSH control channel, negotiates the session, runs the UDP handshake, then
+hands the data phase to a send or receive driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slipstream.engine.paths import DestinationResolver, SourceEntry, expand_sources
+from slipstream.engine.session import (
+    ControlStream,
+    ReceiveOptions,
+    RecvDriver,
+    SendDriver,
+    SessionTotals,
+    _CoreWatch,
+)
+from slipstream.engine.wiring import RateSettings, SessionParams, build_receiver, build_sender
+from slipstream.errors import (
+    PeerAborted,
+    ProtocolError,
+    SlipstreamError,
+    UdpBlocked,
+    UsageError,
+    error_from_dict,
+)
+from slipstream.protocol import control
+from slipstream.spec import TransferSpec, load_transfer_spec
+from slipstream.transport.endpoint import Endpoint, OwnSocketReader
+from slipstream.transport.ssh import open_control_channel
+from slipstream.transport.udp import DatagramSocket
+
+log = logging.getLogger("slipstream.engine")
+
+Emit = Callable[[dict[str, Any]], None]
+UDP_HANDSHAKE_TIMEOUT = 10.0
+SECRET_FIELDS = (
+    "remote_password",
+    "ssh_private_key",
+    "ssh_private_key_passphrase",
+    "content_protection_passphrase",
+)
+
+
+@dataclass
+class ClientOptions:
+    """How this client connects; none of it travels to the server."""
+
+    password: str | None = None
+    key_files: list[str] = field(default_factory=list)
+    known_hosts: Path | None = None
+    accept_new_host: bool = False
+    cwd: Path | None = None
+    udp_timeout: float = UDP_HANDSHAKE_TIMEOUT
+    progress_interval: float = 1.0
+
+
+@dataclass
+class TransferResult:
+    direction: str
+    totals: SessionTotals
+    transport: str = "fasp"
+
+    @property
+    def ok(self) -> bool:
+        return self.totals.files_failed == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"direction": self.direction, "transport": self.transport, **self.totals.as_dict()}
+
+
+def _emit_safely(on_event: Emit | None) -> Emit:
+    def emit(event: dict[str, Any]) -> None:
+        event.setdefault("time", time.time())
+        if on_event is not None:
+            on_event(event)
+
+    return emit
+
+
+async def transfer(
+    spec: TransferSpec | dict[str, Any],
+    on_event: Emit | None = None,
+    options: ClientOptions | None = None,
+) -> TransferResult:
+    """Run one transfer described by ``spec``; raises a SlipstreamError on failure."""
+    spec = spec if isinstance(spec, TransferSpec) else load_transfer_spec(spec)
+    options = options or ClientOptions()
+    emit = _emit_safely(on_event)
+    try:
+        return await _run(spec, options, emit)
+    except SlipstreamError as exc:
+        emit({"type": "error", **exc.to_dict()})
+        raise
+
+
+def transfer_sync(
+    spec: TransferSpec | dict[str, Any],
+    on_event: Emit | None = None,
+    options: ClientOptions | None = None,
+) -> TransferResult:
+    """Blocking wrapper around :func:`transfer`."""
+    return asyncio.run(transfer(spec, on_event, options))
+
+
+def _require_endpoint(spec: TransferSpec) -> tuple[str, str]:
+    if not spec.remote_host:
+        raise UsageError("remote_host: the server to transfer with is required")
+    if not spec.remote_user:
+        raise UsageError("remote_user: the transfer user is required")
+    return spec.remote_host, spec.remote_user
+
+
+def _wire_spec(spec: TransferSpec) -> dict[str, Any]:
+    body = spec.to_json_dict()
+    for name in SECRET_FIELDS:
+        body.pop(name, None)
+    return body
+
+
+async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> TransferResult:
+    host, user = _require_endpoint(spec)
+    password = spec.remote_password or options.password
+    keys = list(options.key_files)
+    if getattr(spec, "ssh_private_key_path", None):
+        keys.append(str(spec.ssh_private_key_path))
+    channel = await open_control_channel(
+        host,
+        spec.ssh_port,
+        user,
+        password=password,
+        client_keys=keys or None,
+        passphrase=getattr(spec, "ssh_private_key_passphrase", None),
+        known_hosts=options.known_hosts,
+        sshfp=spec.sshfp,
+        accept_new_host=options.accept_new_host,
+    )
+    try:
+        ctl = ControlStream(channel.reader, channel.writer)
+        await ctl.send(control.OPEN, v=control.PROTOCOL_VERSION, spec=_wire_spec(spec))
+        params = SessionParams.from_accept(await _expect_accept(ctl))
+        peer_ip = channel.peer_address[0]
+        emit(
+            {
+                "type": "session_start",
+                "direction": spec.direction,
+                "host": host,
+                "user": user,
+                "ssh_port": spec.ssh_port,
+                "fasp_port": params.udp_port,
+                "cipher": params.cipher,
+                "session_id": params.session_id.hex(),
+            }
+        )
+        totals = await _data_phase(spec, options, emit, ctl, params, (peer_ip, params.udp_port))
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    result = TransferResult(spec.direction, totals)
+    emit({"type": "session_done", **result.as_dict()})
+    return result
+
+
+async def _expect_accept(ctl: ControlStream) -> dict[str, Any]:
+    msg = await ctl.recv()
+    if msg is None:
+        raise PeerAborted("The server closed the control channel during negotiation")
+    if msg["t"] == control.ERROR:
+        raise error_from_dict(msg["error"])
+    if msg["t"] != control.ACCEPT:
+        raise ProtocolError(f"Expected the session to be accepted, got {msg['t']!r}")
+    return msg
+
+
+def _udp_bind_host(peer_ip: str) -> str:
+    return "::" if ":" in peer_ip else ("127.0.0.1" if peer_ip.startswith("127.") else "0.0.0.0")
+
+
+async def _data_phase(
+    spec: TransferSpec,
+    options: ClientOptions,
+    emit: Emit,
+    ctl: ControlStream,
+    params: SessionParams,
+    peer: tuple[str, int],
+) -> SessionTotals:
+    loop = asyncio.get_running_loop()
+    sock = DatagramSocket.bind(_udp_bind_host(peer[0]), 0)
+    watch = _CoreWatch()
+    driver: SendDriver | RecvDriver
+    cwd = options.cwd or Path.cwd()
+    if spec.direction == "send":
+        driver = SendDriver(ctl, _local_sources(spec, cwd), emit, params.block_payload)
+        core: Any = build_sender(
+            params,
+            initiator=True,
+            source=driver.source,
+            rate=RateSettings.from_spec(spec),
+            now=loop.time(),
+        )
+    else:
+        resolver = _local_destination(spec, cwd)
+        driver = RecvDriver(
+            ctl, resolver, emit, params.block_payload, ReceiveOptions.from_spec(spec)
+        )
+        core = build_receiver(params, initiator=True, sink=driver.sink, now=loop.time())
+    endpoint = Endpoint(core, sock, peer, watch.on_event, watch.fail)
+    driver.attach(core, endpoint.step, watch)
+    OwnSocketReader(sock, endpoint)
+    endpoint.step()
+    progress = loop.create_task(_report_progress(emit, driver, core, options.progress_interval))
+    # The driver starts at once: an error the server reports over the control channel must
+    # win over the UDP watchdog, and a download's manifest already flows meanwhile.
+    watchdog = loop.create_task(_handshake_watchdog(watch, peer, options.udp_timeout, sock))
+    try:
+        totals = await driver.run()
+        core.close(loop.time())
+        endpoint.step()
+        return totals
+    except SlipstreamError as exc:
+        await ctl.send_error(exc)
+        raise
+    finally:
+        progress.cancel()
+        watchdog.cancel()
+        endpoint.close()
+        sock.close()
+
+
+async def _handshake_watchdog(
+    watch: _CoreWatch, peer: tuple[str, int], timeout: float, sock: DatagramSocket
+) -> None:
+    try:
+        await asyncio.wait_for(watch.handshake.wait(), timeout)
+    except TimeoutError:
+        refused = " (the host answered 'port unreachable')" if sock.icmp_errors else ""
+        watch.fail(
+            UdpBlocked(
+                f"No UDP reply from {peer[0]} port {peer[1]} within {timeout:g} s{refused}: "
+                f"a firewall blocks the UDP data port; open udp/{peer[1]} or use HTTP fallback",
+            )
+        )
+
+
+def _local_sources(spec: TransferSpec, cwd: Path) -> Iterator[SourceEntry]:
+    return expand_sources(
+        [(p.source, p.destination) for p in spec.path_pairs()],
+        base_dir=cwd,
+        docroot=None,
+        source_root=spec.source_root,
+        src_base=spec.src_base,
+    )
+
+
+def _local_destination(spec: TransferSpec, cwd: Path) -> DestinationResolver:
+    pairs = spec.path_pairs()
+    resolver = DestinationResolver(
+        spec.destination_root or ".",
+        docroot=None,
+        base_dir=cwd,
+        single_source=len(pairs) == 1,
+        create_dir=spec.create_dir,
+        pair_mode=spec.is_pair_format or spec.src_base is not None,
+    )
+    resolver.prepare()
+    return resolver
+
+
+async def _report_progress(emit: Emit, driver: Any, core: Any, interval: float) -> None:
+    """About once a second: bytes moved, current rate, files done."""
+    last_bytes, last_time = 0, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        moved = _bytes_moved(driver, core)
+        rate = (moved - last_bytes) * 8 / max(now - last_time, 1e-6)
+        last_bytes, last_time = moved, now
+        totals: SessionTotals = driver.totals
+        emit(
+            {
+                "type": "progress",
+                "bytes": moved,
+                "rate_bps": rate,
+                "files_done": totals.files_done,
+                "files_skipped": totals.files_skipped,
+                "files_failed": totals.files_failed,
+                "bytes_expected": getattr(driver, "bytes_announced", None),
+                "elapsed_s": round(totals.elapsed, 3),
+            }
+        )
+
+
+def _bytes_moved(driver: Any, core: Any) -> int:
+    if isinstance(driver, RecvDriver):
+        return int(driver.sink.bytes_written)
+    acked = int(getattr(core, "acked_count", 0)) * driver._payload
+    return min(acked, driver.bytes_announced)
