@@ -144,6 +144,8 @@ class FileBlockSource:
         # The latest chunks read, keyed by (file id, first block of the chunk): one for new
         # data and a few for retransmissions, which cluster in recent chunks.
         self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # The chunk read last, as (first block, end block, bytes): most reads land in it.
+        self._hot: tuple[int, int, memoryview] = (0, 0, memoryview(b""))
 
     def _open(self, file_id: int) -> int:
         path = self._files[file_id].path
@@ -163,6 +165,13 @@ class FileBlockSource:
             self._finish_hash(source)
 
     def read_block(self, block: int) -> memoryview:
+        start, end, view = self._hot
+        if start <= block < end:  # the common case: the next block of the current chunk
+            offset = (block - start) * self._payload
+            return view[offset : offset + self._payload]
+        return self._read_cold(block)
+
+    def _read_cold(self, block: int) -> memoryview:
         slot = self._index.find(block)
         if slot is None:
             raise KeyError(f"block {block} belongs to no registered file")
@@ -176,8 +185,10 @@ class FileBlockSource:
             self._chunks[key] = data
             if len(self._chunks) > CACHED_CHUNKS:
                 self._chunks.popitem(last=False)
+        view = memoryview(data)
+        self._hot = (start, start + -(-len(data) // self._payload), view)
         offset = (block - start) * self._payload
-        return memoryview(data)[offset : offset + self._payload]
+        return view[offset : offset + self._payload]
 
     def _read_chunk(self, slot: FileSlot, start: int) -> bytes:
         source = self._files[slot.file_id]
