@@ -96,6 +96,7 @@ def test_offsets_beyond_4_gib(tmp_path: Path) -> None:
     last_blocks = range(slot.end_block - 6, slot.end_block)
     for block in last_blocks:
         sink.write_block(block, source.read_block(block))
+    sink.flush()
     with open(dst, "rb") as handle:
         handle.seek(size - 5000)
         assert handle.read() == tail
@@ -111,3 +112,22 @@ def test_missing_and_shrunken_sources_are_typed_errors(tmp_path: Path) -> None:
     source.register(FileSlot(1, 3, 3, 0, 2500), tmp_path / "short")
     with pytest.raises(FileIOError, match="shrank"):
         source.read_block(3)
+
+
+def test_in_order_runs_never_cross_into_the_next_file(tmp_path: Path) -> None:
+    completed: list[int] = []
+    sink = FileBlockSink(PAYLOAD, completed.append)
+    contents = [os.urandom(2500), os.urandom(3000), os.urandom(10)]
+    first = 0
+    for file_id, data in enumerate(contents):
+        slot = FileSlot(file_id, first, blocks_of(len(data)), 0, len(data))
+        sink.register(slot, tmp_path / f"f{file_id}")
+        first += slot.count
+    block = 0
+    for data in contents:
+        for offset in range(0, len(data), PAYLOAD):
+            sink.write_block(block, memoryview(data[offset : offset + PAYLOAD]))
+            block += 1
+    assert completed == [0, 1, 2]
+    for file_id, data in enumerate(contents):
+        assert (tmp_path / f"f{file_id}").read_bytes() == data

@@ -25,6 +25,7 @@ from slipstream.errors import DiskFull, FileIOError, PermissionDenied, SourceNot
 
 CHUNK_BLOCKS = 64  # blocks per read syscall on the sender; ~90 KB at the default size
 CACHED_CHUNKS = 4
+WRITE_RUN_BYTES = 1 << 20  # the receiver writes contiguous blocks in runs up to this size
 MAX_OPEN_FILES = 64  # descriptors kept open per side; small files are many, fds are not
 
 
@@ -248,6 +249,12 @@ class FileBlockSink:
         self._files: dict[int, _SinkFile] = {}
         self._fds = _FdCache(self._open)
         self.bytes_written = 0
+        # The contiguous run being gathered: its file, file offset, bytes and next block.
+        self._run_sink: _SinkFile | None = None
+        self._run_position = 0
+        self._run = bytearray()
+        self._run_next = -1
+        self._run_end = -1
 
     def _open(self, file_id: int) -> int:
         path = self._files[file_id].partial
@@ -265,27 +272,58 @@ class FileBlockSink:
             self._complete(slot.file_id)
 
     def write_block(self, block: int, payload: memoryview) -> None:
-        slot = self._index.find(block)
-        if slot is None:
-            return  # cannot happen: the receiver core drops blocks it was not told about
-        sink = self._files[slot.file_id]
-        position = slot.offset + (block - slot.first_block) * self._payload
-        try:
-            os.pwrite(self._fds.get(slot.file_id), payload, position)
-        except OSError as exc:
-            raise os_error_to_slipstream(exc, sink.partial, "write") from exc
+        # Blocks mostly arrive in order: gather a contiguous run in memory and write it with
+        # one pwrite, instead of one syscall per 1.4 KB block.
+        if block == self._run_next and len(self._run) < WRITE_RUN_BYTES:
+            self._run += payload
+            self._run_next = block + 1 if block + 1 < self._run_end else -1
+        else:
+            self._start_run(block, payload)
         self.bytes_written += len(payload)
+        sink = self._run_sink
+        assert sink is not None
         sink.missing -= 1
         if sink.missing == 0:
-            self._complete(slot.file_id)
+            self.flush()
+            self._complete(sink.slot.file_id)
+
+    def _start_run(self, block: int, payload: memoryview) -> None:
+        self.flush()
+        slot = self._index.find(block)
+        if slot is None:
+            raise KeyError(f"block {block} belongs to no registered file")
+        self._run_sink = self._files[slot.file_id]
+        self._run_position = slot.offset + (block - slot.first_block) * self._payload
+        self._run = bytearray(payload)
+        # A run never crosses into the next file's blocks.
+        self._run_end = slot.end_block
+        self._run_next = block + 1 if block + 1 < slot.end_block else -1
+
+    def flush(self) -> None:
+        """Write the gathered run (before a file is verified, and before closing)."""
+        if not self._run:
+            return
+        sink = self._run_sink
+        assert sink is not None
+        data, self._run = self._run, bytearray()
+        try:
+            os.pwrite(self._fds.get(sink.slot.file_id), data, self._run_position)
+        except OSError as exc:
+            raise os_error_to_slipstream(exc, sink.partial, "write") from exc
+        self._run_position += len(data)
 
     def _complete(self, file_id: int) -> None:
         self._fds.close(file_id)
         self._on_complete(file_id)
 
     def forget(self, file_id: int) -> None:
+        if self._run_sink is not None and self._run_sink.slot.file_id == file_id:
+            self._run, self._run_next = bytearray(), -1
         self._fds.close(file_id)
         self._files.pop(file_id, None)
 
     def close(self) -> None:
-        self._fds.close_all()
+        try:
+            self.flush()
+        finally:
+            self._fds.close_all()

@@ -109,6 +109,9 @@ class RangeSet:
 
     def first_gap_from(self, value: int) -> int:
         """The smallest integer ``>= value`` that is not in the set."""
+        ends = self._ends
+        if ends and self._starts[-1] <= value < ends[-1]:
+            return ends[-1]  # in the last range: the usual case as blocks arrive in order
         index = bisect_right(self._starts, value) - 1
         if index >= 0 and value < self._ends[index]:
             return self._ends[index]

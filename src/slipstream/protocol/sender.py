@@ -320,8 +320,11 @@ class SenderSession(SessionBase):
         )
 
     def _inflight_cap(self) -> int:
+        # Acknowledgements come in REPORTs about every report interval, not per datagram, so
+        # the feedback loop is SRTT plus that interval: on a short path the interval dominates.
         srtt = self._srtt if self._srtt is not None else INITIAL_RTT
-        blocks = 2 * max(self._cap_rate, self._rate.pacing_rate) * srtt / self._wire_block
+        loop_time = srtt + REPORT_ALLOWANCE
+        blocks = 2 * max(self._cap_rate, self._rate.pacing_rate) * loop_time / self._wire_block
         return int(min(MAX_INFLIGHT_BLOCKS, max(MIN_INFLIGHT_BLOCKS, blocks)))
 
     def _can_send_new(self) -> bool:

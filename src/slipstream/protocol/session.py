@@ -61,6 +61,9 @@ class SessionBase:
         self._events: deque[Event] = deque()
         self._next_packet_number = 0
         self._last_peer_activity = now
+        # Datagrams that passed authentication: the endpoint moves the peer address only
+        # on these, so a forged datagram carrying a known session id cannot redirect us.
+        self.authenticated_datagrams = 0
         self._hello_due: float | None = now if initiator else None
         self._hello_acks_due: deque[int] = deque()
         self._close_code = 0
@@ -159,6 +162,7 @@ class SessionBase:
         return number
 
     def _on_authenticated(self, now: float) -> None:
+        self.authenticated_datagrams += 1
         self._last_peer_activity = now
         if self._state is SessionState.HANDSHAKE:
             self._state = SessionState.ESTABLISHED
