@@ -200,6 +200,7 @@ def main() -> None:
     cases: dict[str, Callable[[], None]] = {
         "slipstream aes-128": lambda: run_slipstream(info, src, []),
         "slipstream none (auth only)": lambda: run_slipstream(info, src, ["-T"]),
+        "slipstream aes-128 -Z 9000": lambda: run_slipstream(info, src, ["-Z", "9000"]),
     }
     if sshd is not None:
         cases |= {
@@ -211,6 +212,12 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             for name, action in cases.items():
+                # Every run starts from an empty destination: rsync would otherwise skip the
+                # unchanged file and "win" without copying anything.
+                shutil.rmtree(dest_dir, ignore_errors=True)
+                dest_dir.mkdir()
+                for stale in (root / "qs" / "docroot").glob("payload.bin*"):
+                    stale.unlink()
                 results[name].append(size * 8 / timed(action) / 1e9)
     finally:
         server.terminate()
