@@ -58,6 +58,10 @@ def start_quickstart(
         "0",
         "--fasp-port",
         "0",
+        "--api-port",
+        "0",
+        "--fallback-port",
+        "0",
         *(extra_args or []),
     ]
     with open(log_path, "w") as log:

@@ -20,7 +20,7 @@ from slipstream.protocol.events import Event
 from slipstream.protocol.rate import create_rate_controller
 from slipstream.protocol.receiver import ReceiverSession
 from slipstream.protocol.sender import SenderSession
-from slipstream.protocol.wire import payload_size_for
+from slipstream.protocol.wire import DATA_OVERHEAD, payload_size_for
 
 IP_UDP_OVERHEAD = 28
 SESSION_ID = b"netsim01"
@@ -36,6 +36,7 @@ class LinkConfig:
     reorder_delay: float = 0.005  # ...by up to this long
     duplicate: float = 0.0
     corrupt: float = 0.0  # probability of flipping one byte
+    mtu: int = 0  # IP datagrams above this are dropped silently (a black hole); 0: no limit
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Link:
     def send(self, now: float, datagram: bytes) -> list[tuple[float, bytes]]:
         cfg, stats = self.config, self.stats
         size = len(datagram) + IP_UDP_OVERHEAD
+        if cfg.mtu and size > cfg.mtu:
+            stats.random_drops += 1
+            return []
         backlog = max(0.0, self.busy_until - now)
         if backlog * cfg.rate_bps / 8 + size > cfg.queue_bytes:
             stats.queue_drops += 1
@@ -183,6 +187,7 @@ def make_pair(
     seed: int = 1,
     now: float = 0.0,
     wrap_protector: Callable[[PacketProtector], PacketProtector] | None = None,
+    verify_mtu: bool = False,
 ) -> Pair:
     """A sender and a receiver sharing keys, with ``data`` as the whole stream."""
     secret = random.Random(seed).randbytes(32)
@@ -214,7 +219,11 @@ def make_pair(
         now=now,
         report_interval=report_interval,
         idle_timeout=idle_timeout,
+        max_datagram=dgram_size,
     )
+    if verify_mtu:  # pad the handshake to a full DATA datagram (docs/protocol.md §2)
+        sender.verify_path_mtu(block_payload + DATA_OVERHEAD)
+        receiver.verify_path_mtu(block_payload + DATA_OVERHEAD)
     blocks = source.block_count
     sender.add_blocks(blocks)
     sender.close_stream()
@@ -223,6 +232,103 @@ def make_pair(
 
 
 Hook = Callable[[float, "Simulator"], None]
+
+CROSS_PACKET = 1500  # IP bytes of one cross-traffic packet
+
+
+class CrossFlow:
+    """Competing traffic on the forward link, so controllers can be judged against others.
+
+    ``kind="cbr"``: a constant bit rate (UDP video, another fixed-rate sender).
+    ``kind="tcp"``: a TCP-like window flow, CUBIC's multiplicative decrease (x0.7 once per
+    loss event, seen three packets later as duplicate ACKs would show it) and a Reno-like
+    additive increase of one packet per RTT, slow start up to the first loss. ACKs return
+    after the backward link's delay (they are not queued). Goodput is counted per packet
+    that arrives.
+    """
+
+    def __init__(
+        self, kind: str, *, start: float = 0.0, stop: float = 1e9, rate_bps: float = 0.0
+    ) -> None:
+        if kind not in ("cbr", "tcp"):
+            raise ValueError(kind)
+        self.kind = kind
+        self.start = start
+        self.stop = stop
+        self.rate_bps = rate_bps
+        self.delivered_bytes = 0
+        self.delivered_log: list[tuple[float, int]] = []  # (arrival time, bytes)
+        self._next_send = start
+        self._seq = 0
+        self.cwnd = 10.0
+        self.ssthresh = float("inf")
+        self._in_flight: dict[int, float] = {}
+        self._highest_acked = -1
+        self._recover_until = -1  # no further cut until a packet sent after the cut is acked
+
+    def timer(self, rto: float) -> float | None:
+        if self._next_send >= self.stop:
+            return None
+        if self.kind == "cbr" or self._seq == 0:
+            return self._next_send
+        if self._in_flight:  # ACK-clocked: only the retransmission timeout needs a timer
+            return self._in_flight[next(iter(self._in_flight))] + rto
+        return None
+
+    def send_due(self, now: float) -> list[int]:
+        """Sequence numbers to put on the link now."""
+        if now < self.start or now >= self.stop:
+            return []
+        out: list[int] = []
+        if self.kind == "cbr":
+            gap = CROSS_PACKET * 8 / self.rate_bps
+            while self._next_send <= now and len(out) < 64:
+                out.append(self._take_seq(now))
+                self._next_send += gap
+            return out
+        while len(self._in_flight) < int(self.cwnd) and len(out) < 64:
+            out.append(self._take_seq(now))
+        return out
+
+    def _take_seq(self, now: float) -> int:
+        seq = self._seq
+        self._seq += 1
+        if self.kind == "tcp":
+            self._in_flight[seq] = now
+        return seq
+
+    def on_arrival(self, now: float, seq: int) -> None:
+        self.delivered_bytes += CROSS_PACKET
+        self.delivered_log.append((now, CROSS_PACKET))
+
+    def on_ack(self, now: float, seq: int) -> None:
+        if self._in_flight.pop(seq, None) is None:
+            return
+        self._highest_acked = max(self._highest_acked, seq)
+        lost = False  # the dict keeps send order: older packets are at its front
+        while self._in_flight and (oldest := next(iter(self._in_flight))) < seq - 3:
+            del self._in_flight[oldest]
+            lost = True
+        if lost and seq > self._recover_until:
+            self.cwnd = max(2.0, self.cwnd * 0.7)
+            self.ssthresh = self.cwnd
+            self._recover_until = self._seq
+        elif self.cwnd < self.ssthresh:
+            self.cwnd += 1
+        else:
+            self.cwnd += 1 / self.cwnd
+
+    def check_timeout(self, now: float, rto: float) -> None:
+        oldest = next(iter(self._in_flight), None)
+        if self.kind == "tcp" and oldest is not None and now - self._in_flight[oldest] > rto:
+            self._in_flight.clear()  # everything outstanding is gone: restart small
+            self.ssthresh = max(2.0, self.cwnd / 2)
+            self.cwnd = 2.0
+            self._recover_until = self._seq
+
+    def rate_bps_between(self, start: float, end: float) -> float:
+        total = sum(size for t, size in self.delivered_log if start <= t < end)
+        return total * 8 / (end - start)
 
 
 class Simulator:
@@ -246,7 +352,9 @@ class Simulator:
         )
         self.now = start
         self.start = start
-        self._in_transit: list[tuple[float, int, int, bytes]] = []
+        # (arrival, tie-break, destination, datagram); cross traffic carries an int sequence
+        # number instead of a datagram, and a negative (data) or >= 1000 (ACK) destination.
+        self._in_transit: list[tuple[float, int, int, bytes | int]] = []
         self._sequence = 0
         self.sender_events: list[Event] = []
         self.receiver_events: list[Event] = []
@@ -258,6 +366,7 @@ class Simulator:
         # unless a test sets them to a list.
         self.sent_by_sender: list[tuple[float, bytes]] | None = None
         self.sent_by_receiver: list[tuple[float, bytes]] | None = None
+        self.cross: list[CrossFlow] = []  # competing flows on the forward link
 
     def run(self, time_limit: float, until: Callable[[Simulator], bool] | None = None) -> SimResult:
         sender, receiver = self.pair.sender, self.pair.receiver
@@ -290,8 +399,36 @@ class Simulator:
             _at, hook = self.hooks.pop(0)
             hook(self.now, self)
 
+    def _cross_rto(self) -> float:
+        return max(0.2, 4 * (self.forward.config.delay + self.backward.config.delay))
+
+    def _step_cross(self) -> None:
+        forward = self.forward
+        rto = self._cross_rto()
+        for index, flow in enumerate(self.cross):
+            flow.check_timeout(self.now, rto)
+            for seq in flow.send_due(self.now):
+                filler = bytes(CROSS_PACKET - IP_UDP_OVERHEAD)
+                for arrival, _data in forward.send(self.now, filler):
+                    self._sequence += 1
+                    heapq.heappush(self._in_transit, (arrival, self._sequence, -2 - index, seq))
+
+    def _deliver_cross(self, destination: int, seq: int) -> None:
+        index = -2 - destination if destination <= -2 else destination - 1000
+        flow = self.cross[index]
+        if destination <= -2:
+            flow.on_arrival(self.now, seq)
+            if flow.kind == "tcp":
+                ack_at = self.now + self.backward.config.delay
+                self._sequence += 1
+                heapq.heappush(self._in_transit, (ack_at, self._sequence, 1000 + index, seq))
+        else:
+            flow.on_ack(self.now, seq)
+
     def _step_endpoints(self) -> None:
         pair = self.pair
+        if self.cross:
+            self._step_cross()
         if self.sender_alive:
             self._step(pair.sender, self.forward, 1, self.sender_events, self.sent_by_sender)
         if self.receiver_alive:
@@ -335,6 +472,10 @@ class Simulator:
                 candidates.append(timer)
         if self.hooks:
             candidates.append(self.hooks[0][0])
+        for flow in self.cross:
+            timer = flow.timer(self._cross_rto())
+            if timer is not None:
+                candidates.append(timer)
         if not candidates:
             return False
         target = min(candidates)
@@ -344,7 +485,9 @@ class Simulator:
         self.now = target
         while self._in_transit and self._in_transit[0][0] <= self.now:
             _arrival, _seq, destination, datagram = heapq.heappop(self._in_transit)
-            if destination == 1 and self.receiver_alive:
+            if isinstance(datagram, int):
+                self._deliver_cross(destination, datagram)
+            elif destination == 1 and self.receiver_alive:
                 self.pair.receiver.receive_datagram(datagram, self.now)
             elif destination == 0 and self.sender_alive:
                 self.pair.sender.receive_datagram(datagram, self.now)

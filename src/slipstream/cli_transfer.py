@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slipstream.cli_files import file_fields, passphrase
 from slipstream.engine.filelists import read_file_list, read_file_pair_list
 from slipstream.engine.job import ClientOptions, TransferResult, transfer
 from slipstream.errors import UsageError
@@ -65,6 +66,12 @@ def build_cli_spec(
         body["create_dir"] = True
     if opts["preserve_times"]:
         body["preserve_times"] = True
+    body.update(file_fields(opts))
+    if body.get("content_protection") and not body.get("content_protection_passphrase"):
+        # Never on the command line (it would show in `ps`): the environment or a prompt.
+        body["content_protection_passphrase"] = passphrase(
+            confirm=body["content_protection"] == "encrypt"
+        )
     spec = load_transfer_spec(body)
     return spec, _client_options(spec, opts)
 
@@ -138,7 +145,16 @@ def _client_options(spec: TransferSpec, opts: dict[str, Any]) -> ClientOptions:
         known_hosts=Path(opts["known_hosts"]) if opts["known_hosts"] else None,
         accept_new_host=bool(opts["accept_host_key"]),
         udp_timeout=float(opts["udp_timeout"]),
+        control_socket=_control_socket(opts),
     )
+
+
+def _control_socket(opts: dict[str, Any]) -> Path:
+    """Where `slipstream modify` finds this transfer (engine/livecontrol.py)."""
+    from slipstream.engine.livecontrol import default_socket_path
+
+    chosen = opts.get("control_socket")
+    return Path(chosen) if chosen else default_socket_path()
 
 
 def run_with_progress(

@@ -62,6 +62,10 @@ def start_server(root: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
         "0",
         "--fasp-port",
         "0",
+        "--api-port",
+        "0",
+        "--fallback-port",
+        "0",
     ]
     log = open(root / "server.log", "w")  # noqa: SIM115 - the child keeps writing to it
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)

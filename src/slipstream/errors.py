@@ -174,6 +174,23 @@ class DestinationExists(PathError):
     default_message = "Destination exists and the overwrite policy forbids replacing it"
 
 
+# --- content protection (files encrypted at rest) ----------------------------------------
+
+
+class BadPassphrase(SlipstreamError):
+    """The content-protection passphrase does not open an envelope (or is missing)."""
+
+    code = 49
+    default_message = "Wrong content-protection passphrase"
+
+
+class ContentProtectionError(SlipstreamError):
+    """An envelope is not one, or is corrupt, truncated or tampered with."""
+
+    code = 56
+    default_message = "Invalid or damaged encrypted file (envelope)"
+
+
 # --- network ---------------------------------------------------------------------------
 
 
@@ -209,6 +226,13 @@ class PeerAborted(NetworkError):
 
     code = 16
     default_message = "The peer ended the session unexpectedly"
+
+
+class PathMtuError(NetworkError):
+    """Full-size datagrams do not get through although small ones do (path MTU)."""
+
+    code = 17
+    default_message = "The network path drops datagrams of the chosen size"
 
 
 # --- protocol --------------------------------------------------------------------------

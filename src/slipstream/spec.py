@@ -273,6 +273,12 @@ def _check_not_empty(value: str) -> str:
     return value
 
 
+def _check_filter_rule(value: str) -> str:
+    if len(value) < 3 or value[:2] not in ("- ", "+ "):
+        raise _reason(f"must be '- PATTERN' or '+ PATTERN' (got {_show(value)})")
+    return value
+
+
 def _check_http_fallback(value: object) -> bool | str:
     if isinstance(value, str) and value.strip().lower() == "force":
         return "force"
@@ -624,6 +630,7 @@ class TransferSpec(_Model):
     http_fallback: Annotated[bool | Literal["force"], BeforeValidator(_check_http_fallback)] = False
     http_fallback_port: Port | None = None
     https_fallback_port: Port | None = None
+    https_fallback_fingerprint: str | None = None  # Slipstream: pinned SHA256 of its certificate
     proxy: str | None = None
     fasp_proxy: dict[str, Any] | None = None
     dgram_size: Annotated[int, _int_in(296, 65507)] | None = None  # IPv4 min MTU..max UDP
@@ -665,6 +672,7 @@ class TransferSpec(_Model):
     cipher_allowed: CipherField | None = None
     content_protection: Annotated[ContentProtection, _choice(ContentProtection)] | None = None
     content_protection_passphrase: str | None = Field(default=None, repr=False)
+    content_protection_extension: NonEmptyStr | None = None  # Slipstream: default .aspera-env
     fail_bad_filepass: bool | None = None
     obfuscate_file_names: bool = False
 
@@ -681,6 +689,9 @@ class TransferSpec(_Model):
     exclude_older_than: Annotated[int | str, BeforeValidator(_check_time_filter)] | None = None
     exclude_patterns: list[NonEmptyStr] | None = None  # Slipstream: ascp -E globs
     include_patterns: list[NonEmptyStr] | None = None  # Slipstream: ascp -N globs
+    # Slipstream: -E/-N in their order, "- glob" / "+ glob"; first match wins, before the two
+    # lists above (which, having no order between them, apply includes first).
+    filters: list[Annotated[str, AfterValidator(_check_filter_rule)]] | None = None
     file_checksum: Annotated[FileChecksum, _choice(FileChecksum, _norm_checksum)] | None = None
 
     # preserve attributes

@@ -11,7 +11,7 @@ import pytest
 from netsim import Link, LinkConfig, Simulator, make_pair
 from slipstream.protocol import wire
 from slipstream.protocol.crypto import PacketProtector
-from slipstream.protocol.events import HandshakeComplete
+from slipstream.protocol.events import HandshakeComplete, PathMtuFailed
 from slipstream.protocol.session import SessionState
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "src" / "slipstream" / "protocol"
@@ -176,3 +176,36 @@ def test_pacing_timer_and_burst_cap() -> None:
     assert timer is not None and 1.0 < timer <= 1.0 + 0.0011  # ~1 ms of credit
     more = sender.datagrams_to_send(timer)
     assert 6 <= len(more) <= 8  # 1 ms at 10 MB/s is ~6.7 datagrams of 1500 bytes
+
+
+# --- path MTU check ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender_is_initiator", [True, False])
+def test_padded_handshake_passes_a_wide_path(sender_is_initiator: bool) -> None:
+    data = random.Random(3).randbytes(300_000)
+    pair = make_pair(
+        data, dgram_size=9000, verify_mtu=True, sender_is_initiator=sender_is_initiator
+    )
+    sim = Simulator(pair, LinkConfig(rate_bps=1e9, delay=0.01, mtu=9000))
+    sim.sent_by_sender, sim.sent_by_receiver = [], []
+    result = sim.run(5)
+    assert result.completed and bytes(pair.sink.data) == data
+    hellos = [d for _t, d in sim.sent_by_sender + sim.sent_by_receiver if d[2] in (1, 2)]
+    assert hellos and all(len(d) + 28 == 9000 for d in hellos)  # padded to a full datagram
+
+
+@pytest.mark.parametrize("sender_is_initiator", [True, False])
+def test_narrow_path_fails_fast_instead_of_black_holing(sender_is_initiator: bool) -> None:
+    data = random.Random(3).randbytes(300_000)
+    pair = make_pair(
+        data, dgram_size=9000, verify_mtu=True, sender_is_initiator=sender_is_initiator
+    )
+    sim = Simulator(pair, LinkConfig(rate_bps=1e9, delay=0.01, mtu=1500))
+    initiator = pair.sender if sender_is_initiator else pair.receiver
+    events = sim.sender_events if sender_is_initiator else sim.receiver_events
+    result = sim.run(5, until=lambda s: any(isinstance(e, PathMtuFailed) for e in events))
+    assert PathMtuFailed(9000 - 28) in events
+    assert result.duration < 2.5  # a few HELLO intervals, not the idle timeout
+    assert not initiator.is_alive
+    assert pair.receiver.received_count == 0  # no DATA went into the hole

@@ -264,11 +264,13 @@ class FileBlockSink:
             raise os_error_to_slipstream(exc, path, "write") from exc
 
     def register(self, slot: FileSlot, partial: Path) -> None:
-        """Start receiving a file; its partial copy is created now so that it exists."""
+        """Start receiving a file. Its partial copy is created by the first write (O_CREAT),
+        or now when no block will come: opening thousands of small files here only for
+        the descriptor cache to evict them before their data arrives costs a second open."""
         self._files[slot.file_id] = _SinkFile(slot, partial, slot.count)
         self._index.add(slot)
-        self._fds.get(slot.file_id)
         if slot.count == 0:
+            self._fds.get(slot.file_id)
             self._complete(slot.file_id)
 
     def write_block(self, block: int, payload: memoryview) -> None:

@@ -16,17 +16,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slipstream.engine.livecontrol import ClientLive, RateControl
+from slipstream.engine.multisession import (
+    run_multi_session,
+    select_share,
+    session_count,
+    session_index,
+)
 from slipstream.engine.paths import DestinationResolver, SourceEntry, expand_sources
+from slipstream.engine.selection import select_sources
+from slipstream.engine.semantics import check_file_semantics, session_metadata
 from slipstream.engine.session import (
     ControlStream,
     ReceiveOptions,
     RecvDriver,
     SendDriver,
+    SendOptions,
     SessionTotals,
     _CoreWatch,
 )
-from slipstream.engine.wiring import RateSettings, SessionParams, build_receiver, build_sender
+from slipstream.engine.wiring import (
+    DEFAULT_DGRAM_SIZE,
+    SessionParams,
+    build_receiver,
+    build_sender,
+    client_rate_settings,
+    open_extras,
+)
 from slipstream.errors import (
+    PathMtuError,
     PeerAborted,
     ProtocolError,
     SlipstreamError,
@@ -49,6 +67,7 @@ SECRET_FIELDS = (
     "ssh_private_key",
     "ssh_private_key_passphrase",
     "content_protection_passphrase",
+    "token",  # travels in the SSH login (or the HTTPS Authorization header), never in OPEN
 )
 
 
@@ -63,6 +82,9 @@ class ClientOptions:
     cwd: Path | None = None
     udp_timeout: float = UDP_HANDSHAKE_TIMEOUT
     progress_interval: float = 1.0
+    rate_control: RateControl | None = None  # live changes (engine/livecontrol.py)
+    control_socket: Path | None = None  # serve `slipstream modify` here during the transfer
+    docroot: Path | None = None  # confine local paths (server-initiated transfers)
 
 
 @dataclass
@@ -98,10 +120,40 @@ async def transfer(
     options = options or ClientOptions()
     emit = _emit_safely(on_event)
     try:
-        return await _run(spec, options, emit)
+        check_file_semantics(spec, client=True)
+        if session_count(spec) > 1 and session_index(spec) is None:
+            return await _run_multi(spec, options, emit)
+        try:
+            return await _run(spec, options, emit)
+        except PathMtuError as exc:
+            if (spec.dgram_size or 0) == DEFAULT_DGRAM_SIZE:
+                raise
+            # The padded handshake proved the chosen size does not pass: no data moved yet,
+            # so a fresh session with standard datagrams loses nothing.
+            emit({"type": "pmtu_fallback", "dgram_size": DEFAULT_DGRAM_SIZE, **exc.to_dict()})
+            fallback = spec.model_copy(update={"dgram_size": DEFAULT_DGRAM_SIZE})
+            return await _run(fallback, options, emit)
     except SlipstreamError as exc:
         emit({"type": "error", **exc.to_dict()})
         raise
+
+
+async def _run_multi(spec: TransferSpec, options: ClientOptions, emit: Emit) -> TransferResult:
+    """``multi_session: N``: N child processes, one session each (engine/multisession.py)."""
+    summed = await run_multi_session(spec, emit, options)
+    now = time.monotonic()
+    totals = SessionTotals(
+        files_done=summed["files_done"],
+        files_skipped=summed["files_skipped"],
+        files_failed=summed["files_failed"],
+        dirs=summed["dirs"],
+        bytes_files=summed["bytes"],
+        started=now - summed["elapsed_s"],
+        finished=now,
+    )
+    result = TransferResult(spec.direction, totals)
+    emit({"type": "session_done", "sessions": summed["sessions"], **result.as_dict()})
+    return result
 
 
 def transfer_sync(
@@ -129,26 +181,42 @@ def _wire_spec(spec: TransferSpec) -> dict[str, Any]:
 
 
 async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> TransferResult:
+    from slipstream.engine.fallback import FallbackTarget, plan_fallback
+
     host, user = _require_endpoint(spec)
     password = spec.remote_password or options.password
+    if spec.http_fallback == "force":
+        return await _run_http(spec, options, emit, plan_fallback(spec, password, None), "forced")
     keys = list(options.key_files)
-    if getattr(spec, "ssh_private_key_path", None):
+    if spec.authentication == "token":
+        # The token rides in the SSH password field and no key is offered: docs/protocol.md.
+        if not spec.token:
+            raise UsageError("authentication is 'token' but the spec has no token")
+        password, keys = spec.token, []
+    elif getattr(spec, "ssh_private_key_path", None):
         keys.append(str(spec.ssh_private_key_path))
     channel = await open_control_channel(
         host,
         spec.ssh_port,
         user,
         password=password,
-        client_keys=keys or None,
+        client_keys=keys if keys or spec.authentication == "token" else None,
         passphrase=getattr(spec, "ssh_private_key_passphrase", None),
         known_hosts=options.known_hosts,
         sshfp=spec.sshfp,
         accept_new_host=options.accept_new_host,
     )
+    fallback: FallbackTarget | None = None
     try:
         ctl = ControlStream(channel.reader, channel.writer)
-        await ctl.send(control.OPEN, v=control.PROTOCOL_VERSION, spec=_wire_spec(spec))
-        params = SessionParams.from_accept(await _expect_accept(ctl))
+        await ctl.send(
+            control.OPEN,
+            v=control.PROTOCOL_VERSION,
+            spec=_wire_spec(spec),
+            **open_extras(channel.peer_address[0]),
+        )
+        accept = await _expect_accept(ctl)
+        params = SessionParams.from_accept(accept)
         peer_ip = channel.peer_address[0]
         emit(
             {
@@ -159,14 +227,47 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
                 "ssh_port": spec.ssh_port,
                 "fasp_port": params.udp_port,
                 "cipher": params.cipher,
+                "dgram_size": params.dgram_size,  # path MTU discovery's choice
                 "session_id": params.session_id.hex(),
+                "transport": "fasp",
+                "xfer_id": accept.get("xfer_id"),
+                **session_metadata(spec),
             }
         )
-        totals = await _data_phase(spec, options, emit, ctl, params, (peer_ip, params.udp_port))
+        try:
+            totals = await _data_phase(spec, options, emit, ctl, params, (peer_ip, params.udp_port))
+        except UdpBlocked as exc:
+            if not spec.http_fallback:
+                raise
+            fallback, reason = plan_fallback(spec, password, accept), exc.user_message
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
+    if fallback is not None:
+        return await _run_http(spec, options, emit, fallback, reason)
     result = TransferResult(spec.direction, totals)
+    emit({"type": "session_done", **result.as_dict()})
+    return result
+
+
+async def _run_http(
+    spec: TransferSpec, options: ClientOptions, emit: Emit, target: Any, reason: str
+) -> TransferResult:
+    """The whole transfer over the server's HTTPS fallback port (engine/fallback.py)."""
+    from slipstream.engine.fallback import run_http_transfer
+
+    emit({"type": "fallback", "transport": "http", "port": target.port, "reason": reason})
+    cwd = options.cwd or Path.cwd()
+    totals = await run_http_transfer(
+        spec,
+        _wire_spec(spec),
+        target,
+        emit,
+        sources=lambda: _local_sources(spec, cwd, options.docroot),
+        destination=lambda: _local_destination(spec, cwd, options.docroot),
+        progress_interval=options.progress_interval,
+    )
+    result = TransferResult(spec.direction, totals, transport="http")
     emit({"type": "session_done", **result.as_dict()})
     return result
 
@@ -200,16 +301,22 @@ async def _data_phase(
     driver: SendDriver | RecvDriver
     cwd = options.cwd or Path.cwd()
     if spec.direction == "send":
-        driver = SendDriver(ctl, _local_sources(spec, cwd), emit, params.block_payload)
+        driver = SendDriver(
+            ctl,
+            _selected_sources(spec, cwd, options.docroot),
+            emit,
+            params.block_payload,
+            SendOptions.from_spec(spec, local=True, base_dir=cwd, docroot=options.docroot),
+        )
         core: Any = build_sender(
             params,
             initiator=True,
             source=driver.source,
-            rate=RateSettings.from_spec(spec),
+            rate=client_rate_settings(spec, params),
             now=loop.time(),
         )
     else:
-        resolver = _local_destination(spec, cwd)
+        resolver = _local_destination(spec, cwd, options.docroot)
         driver = RecvDriver(
             ctl, resolver, emit, params.block_payload, ReceiveOptions.from_spec(spec)
         )
@@ -218,6 +325,8 @@ async def _data_phase(
     driver.attach(core, endpoint.step, watch)
     OwnSocketReader(sock, endpoint)
     endpoint.step()
+    live = ClientLive(options.rate_control, options.control_socket)
+    await live.start(spec.direction, spec, params, core, ctl, driver)
     progress = loop.create_task(_report_progress(emit, driver, core, options.progress_interval))
     # The driver starts at once: an error the server reports over the control channel must
     # win over the UDP watchdog, and a download's manifest already flows meanwhile.
@@ -231,6 +340,7 @@ async def _data_phase(
         await ctl.send_error(exc)
         raise
     finally:
+        await live.stop()
         progress.cancel()
         watchdog.cancel()
         endpoint.close()
@@ -252,21 +362,31 @@ async def _handshake_watchdog(
         )
 
 
-def _local_sources(spec: TransferSpec, cwd: Path) -> Iterator[SourceEntry]:
-    return expand_sources(
+def _local_sources(
+    spec: TransferSpec, cwd: Path, docroot: Path | None = None
+) -> Iterator[SourceEntry]:
+    entries = expand_sources(
         [(p.source, p.destination) for p in spec.path_pairs()],
         base_dir=cwd,
-        docroot=None,
+        docroot=docroot,
         source_root=spec.source_root,
         src_base=spec.src_base,
     )
+    return select_share(entries, spec)  # one of N multi_session shares, or everything
 
 
-def _local_destination(spec: TransferSpec, cwd: Path) -> DestinationResolver:
+def _selected_sources(spec: TransferSpec, cwd: Path, docroot: Path | None) -> Iterator[Any]:
+    """The UDP session's sources: after the symlink policy, filters and time windows."""
+    return select_share(select_sources(spec, base_dir=cwd, docroot=docroot), spec)
+
+
+def _local_destination(
+    spec: TransferSpec, cwd: Path, docroot: Path | None = None
+) -> DestinationResolver:
     pairs = spec.path_pairs()
     resolver = DestinationResolver(
         spec.destination_root or ".",
-        docroot=None,
+        docroot=docroot,
         base_dir=cwd,
         single_source=len(pairs) == 1,
         create_dir=spec.create_dir,

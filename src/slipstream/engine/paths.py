@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["file", "dir"]
+Kind = Literal["file", "dir", "link"]
 SkipCallback = Callable[[Path, str], None]
 """``on_skip(local_path, reason)``: an entry met while walking a folder was left out."""
 
@@ -319,6 +319,7 @@ class SourceEntry:
     size: int
     mtime_ns: int
     mode: int
+    link_target: str | None = None  # kind "link": the link's text, as os.readlink gives it
 
 
 @dataclass(frozen=True)
@@ -357,8 +358,10 @@ class _Expander:
         source_root: str | None,
         follow_symlinks: bool,
         on_skip: SkipCallback | None,
+        copy_links: bool = False,
     ) -> None:
         self.base_dir = base_dir
+        self.copy_links = copy_links
         self.root = _real_docroot(docroot) if docroot is not None else None
         self.source_root = source_root
         self.follow = follow_symlinks
@@ -461,6 +464,11 @@ class _Expander:
             if entry is None:
                 stack.pop()
                 continue
+            if self.copy_links and entry.is_symlink():
+                link = self.link_entry(Path(entry.path), _join_rel(rel_dir, entry.name))
+                if link is not None:
+                    yield link
+                continue
             found = self._classify(entry)
             if found is None:
                 continue
@@ -518,6 +526,32 @@ class _Expander:
             return None
         return real, st
 
+    def link_entry(self, path: Path, rel: str) -> SourceEntry | None:
+        """A symbolic link sent as a link (symlink_policy copy). Within a docroot, a link whose
+        target lies outside is left out (reported): its text would reveal the layout there."""
+        try:
+            target = os.readlink(path)
+            st = os.lstat(path)
+        except OSError as exc:
+            self.skip(path, exc.strerror or str(exc))
+            return None
+        if self.root is not None and not _is_inside(self.root, os.path.realpath(path)):
+            self.skip(path, "symbolic link leads outside the docroot")
+            return None
+        return SourceEntry(path, rel, "link", 0, st.st_mtime_ns, 0o777, link_target=target)
+
+    def top_link(self, parts: list[str], shown: str) -> Path | None:
+        """The lexical path of a top-level source when it is itself a link (copy policy)."""
+        if not parts:
+            return None
+        if self.root is not None:
+            parent = _resolve_parts(self.root, parts[:-1], shown, must_exist=True, allow_root=True)
+            path = parent / parts[-1]
+        else:
+            path = Path(_local_join(parts))
+        st = _lstat(str(path), shown)
+        return path if st is not None and stat.S_ISLNK(st.st_mode) else None
+
     def _follow_nested(self, path: Path) -> Path | None:
         if not self.follow:
             self.skip(path, "symbolic link (links are not followed)")
@@ -569,6 +603,7 @@ def expand_sources(
     src_base: str | None = None,
     follow_symlinks: bool = True,
     on_skip: SkipCallback | None = None,
+    copy_links: bool = False,
 ) -> Iterator[SourceEntry]:
     """Everything to send, as a stream, for a spec's ``paths``.
 
@@ -580,6 +615,8 @@ def expand_sources(
     Entries met while walking a folder that cannot be sent (escaping or broken links, link
     loops, special files, unreadable sub-folders, links when ``follow_symlinks`` is false) are
     left out and reported to ``on_skip(path, reason)``, or logged when it is ``None``.
+    With ``copy_links``, symbolic links are not followed but yielded as ``kind="link"``
+    entries carrying their text (within a docroot, only links whose target stays inside).
     """
     mode = _mode_of(pairs, src_base)
     destinations = [safe_relative(dest.lstrip("/")) if dest else "" for _, dest in pairs]
@@ -591,6 +628,7 @@ def expand_sources(
         source_root=source_root,
         follow_symlinks=follow_symlinks,
         on_skip=on_skip,
+        copy_links=copy_links,
     )
     base_parts = expander.parts_of(src_base) if src_base is not None else None
     sources = [source for source, _ in pairs]
@@ -610,6 +648,12 @@ def _expand(
             # Checked on the text, before any I/O: a source outside src_base is a usage
             # error whether or not it exists.
             raise UsageError(f"Source {source!r} is not below src_base")
+        link = expander.top_link(parts, source) if expander.copy_links else None
+        if link is not None:
+            entry = expander.link_entry(link, _link_rel(mode, parts, dest, base_parts))
+            if entry is not None:
+                yield entry
+            continue
         found = expander.locate(parts, source)
         if found is None:
             continue
@@ -621,6 +665,15 @@ def _expand(
         else:
             rel = _based_rel(found, source, len(base_parts))
         yield from _tree(expander, found, source, rel)
+
+
+def _link_rel(mode: Mode, parts: list[str], dest: str, base_parts: list[str] | None) -> str:
+    """Where a top-level source that is a link (copy policy) goes: named as the source is."""
+    if mode == "pairs":
+        return dest
+    if base_parts is not None:
+        return "/".join(parts[len(base_parts) :])
+    return parts[-1]
 
 
 def _pair_entry(found: _Found, source: str, dest: str) -> SourceEntry:
@@ -783,6 +836,20 @@ class DestinationResolver:
                 f"Destination {self.destination!r} is a file and cannot receive folder {rel_path!r}"
             )
         return target
+
+    def link_path_for(self, rel_path: str) -> Path:
+        """Like :meth:`path_for`, but the last component is not followed if it is a link:
+        the place where a received symbolic link itself is created or replaced."""
+        parts = safe_relative(rel_path).split("/")
+        full = [*self._parts, *(parts[1:] if self.renames else parts)]
+        if not full:
+            raise DocrootViolation(f"Link {rel_path!r} would replace the destination root")
+        return self._resolve(full[:-1]) / full[-1]
+
+    def confinement_root(self) -> Path:
+        """The folder every received entry lands in (the destination, or its parent when
+        the destination is the new name of a single source)."""
+        return self._resolve(self._parts[:-1] if self.renames else self._parts)
 
     def ensure_parent(self, rel_path: str) -> Path:
         """:meth:`path_for`, with the folders above it created (pair lists and src_base send

@@ -19,8 +19,9 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 1 << 20  # a manifest entry is small; a longer line is a broken or hostile peer
 
 # Message types ("t"). Client -> server: OPEN. Server -> client: ACCEPT, ERROR.
-# Sender -> receiver: FILE, DIR, FILE_END, EOF. Receiver -> sender: READY, SKIP, FILE_DONE,
-# DONE. Either side: ERROR (fatal for the session), RATE (live rate change request).
+# Sender -> receiver: FILE, DIR, LINK, FILE_END, SUMS, EOF. Receiver -> sender: READY, SKIP,
+# SUMS_REQ, FILE_DONE, LINK_DONE, DONE. Either side: ERROR (fatal for the session), RATE
+# (live rate change request). docs/protocol.md "Control channel" describes the exchange.
 OPEN = "open"
 ACCEPT = "accept"
 ERROR = "error"
@@ -33,6 +34,10 @@ SKIP = "skip"
 FILE_DONE = "file_done"
 DONE = "done"
 RATE = "rate"
+LINK = "link"  # a symbolic link sent as a link (symlink_policy copy)
+LINK_DONE = "link_done"
+SUMS_REQ = "sums_req"  # resume / overwrite: the receiver asks checksums of byte ranges
+SUMS = "sums"
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     OPEN: ("v", "spec"),
@@ -47,6 +52,10 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     FILE_DONE: ("id",),
     DONE: (),
     RATE: (),
+    LINK: ("id", "path", "target"),
+    LINK_DONE: ("id",),
+    SUMS_REQ: ("id", "ranges"),
+    SUMS: ("id",),
 }
 
 

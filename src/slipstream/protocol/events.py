@@ -38,3 +38,11 @@ class PeerClosed(Event):
 @dataclass(frozen=True, slots=True)
 class Timeout(Event):
     """No authenticated packet from the peer for ``idle_timeout`` seconds: the session is dead."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathMtuFailed(Event):
+    """The padded handshake never got through but small datagrams did: the path does not
+    carry the session's datagram size. The session is closed; retry with a smaller one."""
+
+    dgram_size: int

@@ -17,6 +17,7 @@ x SRTT products, the retransmission queue only ever holds blocks taken out of fl
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import deque
 from typing import Protocol
@@ -36,13 +37,15 @@ INITIAL_RTT = 0.333  # until the first sample (QUIC's choice): errs towards pati
 RETRANSMIT_RTT_FACTOR = 1.25
 REPORT_ALLOWANCE = 0.02  # the receiver may hold a REPORT this long (its report interval)
 MIN_REORDER_MARGIN = 0.001
-MIN_RTT_WINDOW = 10.0  # seconds a minimum RTT sample stays valid (re-probe route changes)
+MIN_RTT_WINDOW = 30.0  # seconds a minimum RTT sample stays valid (re-probe route changes)
+MIN_RTT_BUCKETS = 6  # the window is kept as the minima of this many slices
 MIN_INFLIGHT_BLOCKS = 64
 MAX_INFLIGHT_BLOCKS = 1 << 18  # hard ceiling: 10 Gbit/s x 150 ms x 2 in 1400-byte blocks
 CAP_RATE_MEMORY = 4  # SRTTs the in-flight cap remembers a higher rate
 MAX_TAIL_BACKOFF = 64
 MAX_KEEPALIVE_INTERVAL = 1.0
 _DATA_WIRE_OVERHEAD = wire.DATA_OVERHEAD + UDP_IP_OVERHEAD
+SENT_RECORD_LIMIT = 8192  # batches remembered for the controller's sent-rate questions
 
 
 class BlockSource(Protocol):
@@ -87,6 +90,10 @@ class SenderSession(SessionBase):
         self._block_payload = block_payload
         self._wire_block = block_payload + wire.DATA_OVERHEAD + UDP_IP_OVERHEAD
         self._rate = rate
+        # (time, cumulative wire bytes) after each batch: what was really sent, when.
+        self._sent_times: list[float] = [now]
+        self._sent_totals: list[int] = [0]
+        self._equip(rate)
         self._target_bps: float | None = rate.target_bps
         self._min_bps = rate.min_bps
         # The stream and what the receiver acknowledged.
@@ -112,7 +119,10 @@ class SenderSession(SessionBase):
         self._srtt: float | None = None
         self._latest_rtt: float | None = None
         self._min_rtt: float | None = None
-        self._min_rtt_at = now
+        # Sliding minimum over MIN_RTT_WINDOW: (slice start, slice minimum), oldest first.
+        # A plain "replace after the window" would adopt whatever sample came next, often
+        # one inflated by a standing queue.
+        self._rtt_slices: deque[tuple[float, float]] = deque()
         self._echo_s = 0.0  # newest send time the receiver has seen, seconds
         self._coverage_end = 0  # REPORT ranges are known complete below this block
         self._last_report_time_us = -1
@@ -209,12 +219,38 @@ class SenderSession(SessionBase):
             self._rate = create_rate_controller(
                 policy, target_bps=self._target_bps, min_bps=self._min_bps
             )
+            self._equip(self._rate)
             self._rate.seed(previous_rate)
             return
         if not isinstance(target_bps, _Unchanged):
             self._rate.set_target(target_bps)
         if min_bps is not None:
             self._rate.set_min(min_bps)
+
+    def _equip(self, rate: RateController) -> None:
+        rate.datagram_bytes = self._wire_block
+        rate.sent_meter = self.sent_rate_between
+
+    def sent_rate_between(self, start: float, end: float) -> float | None:
+        """Wire bytes/s actually sent in ``[start, end]`` (None before there is a record)."""
+        times = self._sent_times
+        if end <= start or start < times[0]:
+            return None
+        return (self._sent_total_at(end) - self._sent_total_at(start)) / (end - start)
+
+    def _sent_total_at(self, when: float) -> int:
+        index = bisect.bisect_right(self._sent_times, when) - 1
+        return self._sent_totals[max(0, index)]
+
+    def _record_sent(self, now: float) -> None:
+        times, totals = self._sent_times, self._sent_totals
+        if times[-1] == now:
+            totals[-1] = self.wire_bytes_sent
+        else:
+            times.append(now)
+            totals.append(self.wire_bytes_sent)
+        if len(times) > SENT_RECORD_LIMIT:  # a few seconds of batches is all anyone asks
+            del times[: SENT_RECORD_LIMIT // 2], totals[: SENT_RECORD_LIMIT // 2]
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -226,6 +262,7 @@ class SenderSession(SessionBase):
         sent = self._send_data(now, out, max_datagrams - len(out))
         if sent:
             self._last_send = now
+            self._record_sent(now)
         elif now - self._last_send >= self._keepalive:
             out.append(self._encode_probe(now))
             self._last_send = now
@@ -422,13 +459,14 @@ class SenderSession(SessionBase):
             return
         self._latest_rtt = sample
         self._srtt = sample if self._srtt is None else self._srtt + (sample - self._srtt) / 8
-        if (
-            self._min_rtt is None
-            or sample <= self._min_rtt
-            or now - self._min_rtt_at > MIN_RTT_WINDOW
-        ):
-            self._min_rtt = sample
-            self._min_rtt_at = now
+        slices = self._rtt_slices
+        if not slices or now - slices[-1][0] >= MIN_RTT_WINDOW / MIN_RTT_BUCKETS:
+            slices.append((now, sample))
+        elif sample < slices[-1][1]:
+            slices[-1] = (slices[-1][0], sample)
+        while now - slices[0][0] > MIN_RTT_WINDOW:
+            slices.popleft()
+        self._min_rtt = min(minimum for _start, minimum in slices)
 
     def _acknowledge(self, start: int, end: int) -> None:
         # Only blocks we actually sent can be acknowledged: a bogus REPORT cannot make us

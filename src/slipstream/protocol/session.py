@@ -11,6 +11,13 @@ Why "any authenticated packet": only a holder of the session keys can produce on
 proves the peer is there; the initiator repeats HELLO every 0.25 s until then. The responder
 answers every HELLO with a HELLO_ACK (the ACK may be lost; a HELLO costs nothing to answer),
 and never sends DATA before its own handshake completed.
+
+Path MTU check (``verify_path_mtu``): HELLO and HELLO_ACK are padded to the size of a full
+DATA datagram, and only padded ones complete the handshake, so a session never starts on a
+path that would drop its DATA. After a few unanswered padded HELLOs the initiator also
+sends small ones; the responder answers those with small ACKs *without* completing its
+handshake. Small ACKs with no padded one mean the path is too narrow: ``PathMtuFailed``,
+and the engine retries with 1500-byte datagrams.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from collections import deque
 
 from . import wire
 from .crypto import PacketProtector
-from .events import Event, HandshakeComplete, PeerClosed, Timeout
+from .events import Event, HandshakeComplete, PathMtuFailed, PeerClosed, Timeout
 
 HELLO_INTERVAL = 0.25
 MAX_PENDING_HELLO_ACKS = 4  # a flood of replayed HELLOs must not grow a queue
 CLOSE_REPEAT_INTERVAL = 0.1  # a closed session re-answers a live peer with CLOSE, this often
 DEFAULT_DATAGRAM_SIZE = 1500
+SMALL_HELLO_AFTER = 3  # padded HELLOs sent before small ones join them
+SMALL_ACKS_TO_FAIL = 3  # small ACKs (with no padded one) that prove the path is too narrow
 
 
 class SessionState(enum.Enum):
@@ -65,7 +74,10 @@ class SessionBase:
         # on these, so a forged datagram carrying a known session id cannot redirect us.
         self.authenticated_datagrams = 0
         self._hello_due: float | None = now if initiator else None
-        self._hello_acks_due: deque[int] = deque()
+        self._hello_acks_due: deque[tuple[int, bool]] = deque()  # (echo time, padded)
+        self._pad_to = 0  # UDP payload size the handshake proves (0: no check)
+        self._hellos_sent = 0
+        self._small_acks = 0
         self._close_code = 0
         self._close_sent_at: float | None = None
         self._close_answer_due = False
@@ -79,6 +91,10 @@ class SessionBase:
     @property
     def is_alive(self) -> bool:
         return self._state in (SessionState.HANDSHAKE, SessionState.ESTABLISHED)
+
+    def verify_path_mtu(self, udp_payload: int) -> None:
+        """Pad the handshake to ``udp_payload`` bytes and complete it only that way."""
+        self._pad_to = udp_payload
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -129,6 +145,13 @@ class SessionBase:
             packet = wire.decode(data, self._protector_in)
         except wire.DecodeError:
             return  # forged, altered, truncated or unknown: dropped without a trace
+        if (
+            self._pad_to
+            and isinstance(packet, wire.HelloPacket | wire.HelloAckPacket)
+            and not packet.flags & wire.FLAG_PADDED
+        ):
+            self._on_small_hello(packet, now)
+            return
         self._on_authenticated(now)
         if isinstance(packet, wire.HelloPacket):
             self._on_hello(packet)
@@ -189,26 +212,33 @@ class SessionBase:
             and now >= self._hello_due
         ):
             self._hello_due = now + HELLO_INTERVAL
-            out.append(
-                wire.encode_hello(
-                    self._protector_out,
-                    self.session_id,
-                    self._allocate_packet_number(),
-                    time_us=int(now * 1e6),
-                    max_datagram=self._max_datagram,
-                )
-            )
+            self._hellos_sent += 1
+            out.append(self._encode_hello(now, self._pad_to))
+            if self._pad_to and self._hellos_sent > SMALL_HELLO_AFTER:
+                out.append(self._encode_hello(now, 0))  # does anything get through at all?
         while self._hello_acks_due:
+            echo, padded = self._hello_acks_due.popleft()
             out.append(
                 wire.encode_hello_ack(
                     self._protector_out,
                     self.session_id,
                     self._allocate_packet_number(),
-                    echo_time_us=self._hello_acks_due.popleft(),
+                    echo_time_us=echo,
                     max_datagram=self._max_datagram,
+                    pad_to=self._pad_to if padded else 0,
                 )
             )
         return out
+
+    def _encode_hello(self, now: float, pad_to: int) -> bytes:
+        return wire.encode_hello(
+            self._protector_out,
+            self.session_id,
+            self._allocate_packet_number(),
+            time_us=int(now * 1e6),
+            max_datagram=self._max_datagram,
+            pad_to=pad_to,
+        )
 
     # --- internals --------------------------------------------------------------------
 
@@ -221,7 +251,26 @@ class SessionBase:
 
     def _on_hello(self, packet: wire.HelloPacket) -> None:
         if not self.initiator and len(self._hello_acks_due) < MAX_PENDING_HELLO_ACKS:
-            self._hello_acks_due.append(packet.time_us)
+            self._hello_acks_due.append((packet.time_us, bool(self._pad_to)))
+
+    def _on_small_hello(self, packet: wire.HelloPacket | wire.HelloAckPacket, now: float) -> None:
+        """An unpadded handshake packet while the path MTU is checked: proof of life only.
+
+        It counts as authenticated (the endpoint may learn the peer's address from it) but
+        completes no handshake: the big datagrams have not been shown to pass.
+        """
+        self.authenticated_datagrams += 1
+        self._last_peer_activity = now
+        if isinstance(packet, wire.HelloPacket):
+            if not self.initiator and len(self._hello_acks_due) < MAX_PENDING_HELLO_ACKS:
+                self._hello_acks_due.append((packet.time_us, False))
+            return
+        if self._state is not SessionState.HANDSHAKE:
+            return
+        self._small_acks += 1
+        if self._small_acks >= SMALL_ACKS_TO_FAIL:
+            self._state = SessionState.CLOSED
+            self._events.append(PathMtuFailed(self._pad_to))
 
     def _on_close_packet(self, packet: wire.ClosePacket) -> None:
         self._state = SessionState.CLOSED

@@ -8,8 +8,8 @@ Layout (docs/protocol.md has the prose)::
               (block and send time are cleartext associated data, so a receiver can drop a
               duplicate block before paying for decryption)
     REPORT    header | AEAD(report body) | tag 16
-    HELLO     header | AEAD(time_us u64, max_datagram u16) | tag 16
-    HELLO_ACK header | AEAD(echo_time_us u64, max_datagram u16) | tag 16
+    HELLO     header | AEAD(time_us u64, max_datagram u16 [, zero padding]) | tag 16
+    HELLO_ACK header | AEAD(echo_time_us u64, max_datagram u16 [, zero padding]) | tag 16
     CLOSE     header | AEAD(error code u16) | tag 16
 
 :func:`decode` raises only :class:`DecodeError`. The sessions use the split helpers
@@ -53,6 +53,7 @@ _U16_MAX = 2**16 - 1
 FLAG_RETRANSMISSION = 0x01  # DATA: this block was sent before (diagnostics only)
 FLAG_PROBE = 0x02  # DATA: empty keep-alive that asks for a prompt REPORT
 FLAG_SHORT_RANGES = 0x04  # REPORT: range pairs are u16 instead of u32
+FLAG_PADDED = 0x08  # HELLO / HELLO_ACK: padded to the session's full datagram size
 
 
 class PacketType(IntEnum):
@@ -149,6 +150,17 @@ def _seal(
 # --- encoders ----------------------------------------------------------------------------
 
 
+HELLO_SIZE = HEADER_SIZE + _HELLO.size + TAG_SIZE  # an unpadded HELLO / HELLO_ACK
+
+
+def _hello_body(time_us: int, max_datagram: int, pad_to: int) -> tuple[bytes, int]:
+    """The body, padded (zeros, encrypted like the rest) so the datagram is ``pad_to``."""
+    body = _HELLO.pack(time_us, max_datagram)
+    if pad_to <= HELLO_SIZE:
+        return body, 0
+    return body + bytes(pad_to - HELLO_SIZE), FLAG_PADDED
+
+
 def encode_hello(
     protector: PacketProtector,
     session_id: bytes,
@@ -156,9 +168,11 @@ def encode_hello(
     *,
     time_us: int,
     max_datagram: int,
+    pad_to: int = 0,
 ) -> bytes:
-    body = _HELLO.pack(time_us, max_datagram)
-    return _seal(protector, PacketType.HELLO, 0, session_id, packet_number, body)
+    """A HELLO; with ``pad_to`` (UDP payload bytes) it proves the path carries that size."""
+    body, flags = _hello_body(time_us, max_datagram, pad_to)
+    return _seal(protector, PacketType.HELLO, flags, session_id, packet_number, body)
 
 
 def encode_hello_ack(
@@ -168,9 +182,10 @@ def encode_hello_ack(
     *,
     echo_time_us: int,
     max_datagram: int,
+    pad_to: int = 0,
 ) -> bytes:
-    body = _HELLO.pack(echo_time_us, max_datagram)
-    return _seal(protector, PacketType.HELLO_ACK, 0, session_id, packet_number, body)
+    body, flags = _hello_body(echo_time_us, max_datagram, pad_to)
+    return _seal(protector, PacketType.HELLO_ACK, flags, session_id, packet_number, body)
 
 
 def encode_close(
@@ -324,15 +339,24 @@ def _decode(view: memoryview, protector: PacketProtector) -> Packet:
     return decoder(flags, session_id, pn, body)
 
 
+def _hello_fields(flags: int, body: bytes) -> tuple[int, int]:
+    # A padded body may be longer (the padding is ignored); an unpadded one is exact.
+    if flags & FLAG_PADDED:
+        if len(body) < _HELLO.size:
+            raise DecodeError("truncated HELLO")
+    else:
+        _expect_size(body, _HELLO.size)
+    time_us, max_datagram = _HELLO.unpack_from(body)
+    return int(time_us), int(max_datagram)
+
+
 def _decode_hello(flags: int, session_id: bytes, pn: int, body: bytes) -> Packet:
-    _expect_size(body, _HELLO.size)
-    time_us, max_datagram = _HELLO.unpack(body)
+    time_us, max_datagram = _hello_fields(flags, body)
     return HelloPacket(PacketType.HELLO, flags, session_id, pn, time_us, max_datagram)
 
 
 def _decode_hello_ack(flags: int, session_id: bytes, pn: int, body: bytes) -> Packet:
-    _expect_size(body, _HELLO.size)
-    echo, max_datagram = _HELLO.unpack(body)
+    echo, max_datagram = _hello_fields(flags, body)
     return HelloAckPacket(PacketType.HELLO_ACK, flags, session_id, pn, echo, max_datagram)
 
 

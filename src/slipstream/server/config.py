@@ -14,6 +14,7 @@ directory, so a service manager can start the server from anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -24,13 +25,37 @@ from typing import Any
 import asyncssh
 
 from slipstream.errors import ConfigError
+from slipstream.server.api_config import (
+    AccessKey,
+    ApiSettings,
+    ApiUser,
+    FallbackSettings,
+    TokenSettings,
+    parse_access_keys,
+    parse_api,
+    parse_api_users,
+    parse_fallback,
+    parse_tokens,
+)
 from slipstream.server.passwords import check_password_hash
+from slipstream.server.rate_policy import (
+    SERVER_RATE_KEYS,
+    USER_RATE_KEYS,
+    UserRatePolicy,
+    parse_aggregate_rate,
+    parse_user_rate,
+)
 
 DEFAULT_PORT = 33001
 DEFAULT_LISTEN = "127.0.0.1"
 
-_TOP_KEYS = frozenset({"server", "users"})
-_SERVER_KEYS = frozenset({"listen", "ssh_port", "fasp_port", "host_key", "state_dir", "log_file"})
+_TOP_KEYS = frozenset(
+    {"server", "users", "api", "http_fallback", "tokens", "api_users", "access_keys"}
+)
+_SERVER_KEYS = (
+    frozenset({"listen", "ssh_port", "fasp_port", "host_key", "state_dir", "log_file", "overwrite"})
+    | SERVER_RATE_KEYS
+)
 _USER_KEYS = frozenset(
     {
         "name",
@@ -41,6 +66,8 @@ _USER_KEYS = frozenset(
         "read",
         "write",
         "browse",
+        "token_only",
+        "overwrite",
     }
 )
 # Names go into logs and, later, into paths and tokens: keep them boring.
@@ -59,6 +86,9 @@ class UserConfig:
     read: bool = True  # may download
     write: bool = True  # may upload
     browse: bool = True  # may list directories
+    token_only: bool = False  # logs in with server-issued tokens only (no password/key)
+    overwrite: bool | None = None  # may uploads replace existing files (None: the server's)
+    rate: UserRatePolicy = field(default_factory=UserRatePolicy)  # caps, default, policies
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +102,15 @@ class ServerConfig:
     host_key: Path
     state_dir: Path
     log_file: Path | None = None
+    aggregate_rate_kbps: int | None = None  # one cap shared by every session (rate_policy.py)
+    overwrite: bool = True  # uploads may replace existing files (users may override)
     users: tuple[UserConfig, ...] = field(default=())
+    # REST API, HTTPS fallback and tokens: see server/api_config.py (off unless configured).
+    api: ApiSettings = field(default_factory=ApiSettings)
+    http_fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    api_users: tuple[ApiUser, ...] = field(default=())
+    access_keys: tuple[AccessKey, ...] = field(default=())
 
     def user(self, name: str) -> UserConfig | None:
         """The user called ``name``, or None."""
@@ -90,7 +128,15 @@ def load_server_config(path: str | Path) -> ServerConfig:
     ctx.check_keys(data, _TOP_KEYS, "")
     server = ctx.table(data, "server")
     users = _parse_users(ctx, data.get("users", []))
-    return _parse_server(ctx, server, users)
+    config = _parse_server(ctx, server, users)
+    return dataclasses.replace(
+        config,
+        api=parse_api(ctx, data, config.listen),
+        http_fallback=parse_fallback(ctx, data),
+        tokens=parse_tokens(ctx, data),
+        api_users=parse_api_users(ctx, data.get("api_users", []), users),
+        access_keys=parse_access_keys(ctx, data.get("access_keys", []), users),
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -173,6 +219,8 @@ def _parse_server(
         host_key=ctx.resolve(host_key),
         state_dir=ctx.resolve(ctx.string(table, "state_dir", where, "state") or "state"),
         log_file=ctx.resolve(log_file) if log_file else None,
+        aggregate_rate_kbps=parse_aggregate_rate(ctx, table),
+        overwrite=ctx.boolean(table, "overwrite", where, True),
         users=users,
     )
 
@@ -194,14 +242,15 @@ def _parse_user(ctx: _Ctx, entry: Any, index: int) -> UserConfig:
         raise ctx.error(f"users[#{index}]", "must be a table")
     name = _user_name(ctx, entry, index)
     where = f"users[{name}]."
-    ctx.check_keys(entry, _USER_KEYS, where)
+    ctx.check_keys(entry, _USER_KEYS | USER_RATE_KEYS, where)
     password_hash = _password_hash(ctx, entry, where)
     keys = _authorized_keys(ctx, entry, where)
-    if password_hash is None and not keys:
+    token_only = ctx.boolean(entry, "token_only", where, False)
+    if password_hash is None and not keys and not token_only:
         raise ctx.error(
             f"users[{name}]",
             "has neither password_hash nor authorized_keys/authorized_keys_file: "
-            "nobody could log in as this user",
+            "nobody could log in as this user (token_only = true makes a token-only user)",
         )
     return UserConfig(
         name=name,
@@ -211,6 +260,9 @@ def _parse_user(ctx: _Ctx, entry: Any, index: int) -> UserConfig:
         read=ctx.boolean(entry, "read", where, True),
         write=ctx.boolean(entry, "write", where, True),
         browse=ctx.boolean(entry, "browse", where, True),
+        token_only=token_only,
+        overwrite=ctx.boolean(entry, "overwrite", where, True) if "overwrite" in entry else None,
+        rate=parse_user_rate(ctx, entry, where),
     )
 
 

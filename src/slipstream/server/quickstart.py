@@ -1,7 +1,8 @@
 """A ready-to-run server folder in one call, for trying Slipstream and for tests.
 
-``DIR/server.toml`` (one user, ``slipstream``, with a random password), ``DIR/docroot/``,
-``DIR/host_key`` and ``DIR/credentials.json`` (the clear password, mode 0600). A second
+``DIR/server.toml`` (one user, ``slipstream``, with a random password; the REST API with
+one API user, ``api``, and the HTTPS fallback), ``DIR/docroot/``, ``DIR/host_key`` and
+``DIR/credentials.json`` (the clear passwords, mode 0600). A second
 run reuses all of it, so clients that saved the password or pinned the host key keep
 working. An existing ``server.toml`` is never rewritten: the administrator may have edited it.
 
@@ -12,6 +13,7 @@ ports are known only after binding, so ``QuickstartInfo`` carries the configured
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -25,6 +27,7 @@ from slipstream.server.hostkey import fingerprint, load_or_create_host_key
 from slipstream.server.passwords import hash_password, verify_password
 
 QUICKSTART_USER = "slipstream"
+API_USER = "api"
 CONFIG_NAME = "server.toml"
 CREDENTIALS_NAME = "credentials.json"
 DOCROOT_NAME = "docroot"
@@ -42,6 +45,8 @@ class QuickstartInfo:
     ssh_port: int  # as configured: 0 until the server has bound its ports
     fasp_port: int
     host_key_fingerprint: str  # what a client passes as sshfp
+    api_user: str | None = None  # None: a folder made before the REST API existed
+    api_password: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -50,7 +55,13 @@ class QuickstartInfo:
 
 
 def create_quickstart(
-    dir: Path, *, listen: str = "127.0.0.1", ssh_port: int = 0, fasp_port: int = 0
+    dir: Path,
+    *,
+    listen: str = "127.0.0.1",
+    ssh_port: int = 0,
+    fasp_port: int = 0,
+    api_port: int = 0,
+    fallback_port: int = 0,
 ) -> QuickstartInfo:
     """Create (or reuse) a quickstart server folder in ``dir``."""
     dir = Path(dir).expanduser().absolute()
@@ -60,13 +71,20 @@ def create_quickstart(
     except OSError as exc:
         raise ConfigError(f"{dir}: cannot create the quickstart folder: {exc.strerror}") from None
     password = _load_or_create_password(dir)
+    api_password = _load_or_create_api_password(dir)
     config_path = dir / CONFIG_NAME
     if not config_path.exists():
-        _write_private(config_path, _config_text(listen, ssh_port, fasp_port, password), 0o600)
+        text = _config_text(listen, ssh_port, fasp_port, password)
+        if api_password is not None:
+            text += _api_text(api_port, fallback_port, api_password)
+        _write_private(config_path, text, 0o600)
     config = load_server_config(config_path)
     _check_matches(config, password)
     key = load_or_create_host_key(config.host_key)
-    return _info(config, password, fingerprint(key))
+    info = _info(config, password, fingerprint(key))
+    if api_password is not None and _api_matches(config, api_password):
+        info = dataclasses.replace(info, api_user=API_USER, api_password=api_password)
+    return info
 
 
 def _load_or_create_password(dir: Path) -> str:
@@ -84,6 +102,32 @@ def _load_or_create_password(dir: Path) -> str:
     body = json.dumps({"user": QUICKSTART_USER, "password": password}, indent=2) + "\n"
     _write_private(path, body, 0o600)
     return password
+
+
+def _load_or_create_api_password(dir: Path) -> str | None:
+    """The API user's password; None for a folder whose config predates the REST API."""
+    path = dir / CREDENTIALS_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    value = data.get("api_password")
+    if isinstance(value, str) and value:
+        return value
+    if (dir / CONFIG_NAME).exists():
+        return None  # never rewrite an existing config to add the API
+    data["api_user"], data["api_password"] = API_USER, secrets.token_urlsafe(18)
+    _write_private(path, json.dumps(data, indent=2) + "\n", 0o600)
+    return str(data["api_password"])
+
+
+def _api_matches(config: ServerConfig, api_password: str) -> bool:
+    entry = next((u for u in config.api_users if u.name == API_USER), None)
+    if entry is None or not config.api.enabled:
+        return False  # the administrator removed or disabled it: nothing to print
+    if not verify_password(api_password, entry.password_hash):
+        raise ConfigError(
+            f"{config.path}: api_users[{API_USER}].password_hash: does not match the "
+            f"api_password in {CREDENTIALS_NAME}"
+        )
+    return True
 
 
 def _read_credentials(path: Path) -> str:
@@ -143,6 +187,24 @@ docroot = "{DOCROOT_NAME}"
 read = true
 write = true
 browse = true
+"""
+
+
+def _api_text(api_port: int, fallback_port: int, api_password: str) -> str:
+    return f"""
+# The REST API (HTTPS, self-signed certificate made on first start in state/) and the
+# HTTPS fallback used when UDP is blocked. Port 0: any free port.
+[api]
+https_port = {int(api_port)}
+
+[http_fallback]
+port = {int(fallback_port)}
+
+[[api_users]]
+name = "{API_USER}"
+# The clear password is in {CREDENTIALS_NAME}.
+password_hash = "{hash_password(api_password)}"
+transfer_user = "{QUICKSTART_USER}"
 """
 
 

@@ -8,26 +8,43 @@ user's docroot. One log line per session and per file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-from slipstream.engine.paths import DestinationResolver, SourceEntry, expand_sources
+from slipstream.engine.livecontrol import ServerRate
+from slipstream.engine.multisession import select_share
+from slipstream.engine.paths import DestinationResolver, SourceEntry
+from slipstream.engine.selection import LeftOut, select_sources
+from slipstream.engine.semantics import changes_sources, check_file_semantics, session_metadata
 from slipstream.engine.session import (
     ControlStream,
     ReceiveOptions,
     RecvDriver,
     SendDriver,
+    SendOptions,
     SessionTotals,
     _CoreWatch,
 )
-from slipstream.engine.wiring import RateSettings, SessionParams, build_receiver, build_sender
-from slipstream.errors import PermissionDenied, ProtocolError, SlipstreamError
+from slipstream.engine.wiring import (
+    FEATURES,
+    RateSettings,
+    SessionParams,
+    build_receiver,
+    build_sender,
+    choose_dgram_size,
+)
+from slipstream.errors import PeerAborted, PermissionDenied, ProtocolError, SlipstreamError
 from slipstream.protocol import control
 from slipstream.server.config import ServerConfig, UserConfig
+from slipstream.server.hooks import SessionHooks
+from slipstream.server.rate_policy import AggregateBudget
 from slipstream.spec import TransferSpec, load_transfer_spec
 from slipstream.transport.endpoint import Endpoint, UdpDispatcher
+from slipstream.transport.pmtu import route_mtu
 
 log = logging.getLogger("slipstream.server")
 
@@ -38,21 +55,30 @@ UDP_HANDSHAKE_TIMEOUT = 30.0
 class SessionManager:
     """Owns the shared UDP port and runs every session that arrives over SSH."""
 
-    def __init__(self, config: ServerConfig, dispatcher: UdpDispatcher) -> None:
+    def __init__(
+        self, config: ServerConfig, dispatcher: UdpDispatcher, hooks: SessionHooks | None = None
+    ) -> None:
         self.config = config
         self.dispatcher = dispatcher
+        self.hooks = hooks or SessionHooks()  # tokens, ops records, HTTPS fallback
         self.active: dict[bytes, dict[str, Any]] = {}
+        self.budget = AggregateBudget(config.aggregate_rate_kbps)  # one cap, all sessions
 
     async def handle(
         self, user: UserConfig, reader: Any, writer: Any, peer: tuple[str, int]
     ) -> int:
         ctl = ControlStream(reader, writer)
+        tracked: Any = None
         try:
-            spec = await self._read_open(ctl)
+            spec, opened = await self._read_open(ctl)
+            self.hooks.authorize(user, spec)  # a token login: before any file system access
             self._check_rights(user, spec)
-            await self._run(user, peer, ctl, spec)
+            tracked = self.hooks.started(user, peer, spec)
+            await self._run(user, peer, ctl, spec, tracked, opened)
+            self.hooks.finished(tracked, None)
             return 0
         except SlipstreamError as exc:
+            self.hooks.finished(tracked, exc)
             log.warning(
                 "session user=%s peer=%s result=error code=%d %s",
                 user.name,
@@ -63,31 +89,51 @@ class SessionManager:
             await ctl.send_error(exc)
             return 1
         except asyncio.CancelledError:
+            self.hooks.finished(tracked, PeerAborted("The client went away"))
             log.warning(
                 "session user=%s peer=%s result=aborted (client went away)", user.name, _peer(peer)
             )
             raise
 
-    async def _read_open(self, ctl: ControlStream) -> TransferSpec:
+    async def _read_open(self, ctl: ControlStream) -> tuple[TransferSpec, dict[str, Any]]:
         msg = await ctl.recv()
         if msg is None or msg["t"] != control.OPEN:
             raise ProtocolError("The client did not open a session", origin="remote")
         if int(msg["v"]) != control.PROTOCOL_VERSION:
             raise ProtocolError(f"Unsupported protocol version {msg['v']}", origin="remote")
-        return load_transfer_spec(msg["spec"])
+        return load_transfer_spec(msg["spec"]), msg
 
     def _check_rights(self, user: UserConfig, spec: TransferSpec) -> None:
         if spec.direction == "send" and not user.write:
             raise PermissionDenied(f"User {user.name} may not upload")
         if spec.direction == "receive" and not user.read:
             raise PermissionDenied(f"User {user.name} may not download")
+        check_file_semantics(spec, client=False)
+        if spec.direction == "receive" and not user.write and changes_sources(spec):
+            raise PermissionDenied(
+                f"User {user.name} may not remove or move files (remove/move_after_transfer)"
+            )
 
     async def _run(
-        self, user: UserConfig, peer: tuple[str, int], ctl: ControlStream, spec: TransferSpec
+        self,
+        user: UserConfig,
+        peer: tuple[str, int],
+        ctl: ControlStream,
+        spec: TransferSpec,
+        tracked: Any = None,
+        opened: dict[str, Any] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.dispatcher.sock.local_address[:2]
-        params = SessionParams.create(spec.cipher, spec.dgram_size, port, ipv6=":" in host)
+        opened = opened or {}
+        features = tuple(str(f) for f in opened.get("features") or ())
+        rate = ServerRate(
+            spec,
+            user.rate.limits(),
+            user.rate.target_rate_default_kbps,
+            self.budget.share_kbps(extra=1),
+        )
+        params = _session_params(spec, opened, peer[0], port, ipv6=":" in host, rate=rate)
         watch = _CoreWatch()
         driver: SendDriver | RecvDriver
         if spec.direction == "send":  # the client uploads: we receive
@@ -95,51 +141,98 @@ class SessionManager:
             driver = RecvDriver(
                 ctl,
                 resolver,
-                self._file_logger(user, peer, "in"),
+                self._file_logger(user, peer, "in", tracked),
                 params.block_payload,
-                ReceiveOptions.from_spec(spec),
+                ReceiveOptions.from_spec(
+                    spec,
+                    allow_overwrite=self._may_overwrite(user),
+                    link_root=user.docroot,
+                ),
             )
             core: Any = build_receiver(params, initiator=False, sink=driver.sink, now=loop.time())
         else:
             entries = _docroot_sources(user, spec)
             driver = SendDriver(
-                ctl, entries, self._file_logger(user, peer, "out"), params.block_payload
+                ctl,
+                entries,
+                self._file_logger(user, peer, "out", tracked),
+                params.block_payload,
+                SendOptions.from_spec(
+                    spec, local=False, base_dir=user.docroot, docroot=user.docroot
+                ),
             )
             core = build_sender(
                 params,
                 initiator=False,
                 source=driver.source,
-                rate=RateSettings.from_spec(spec),
+                rate=RateSettings.from_state(rate.state),
                 now=loop.time(),
             )
+            driver.rate_handler = rate.on_client_rate  # a download client's live change
+        rate.attach("receive" if spec.direction == "send" else "send", core, ctl, features)
         endpoint = Endpoint(core, self.dispatcher.sock, None, watch.on_event, watch.fail)
         driver.attach(core, endpoint.step, watch)
         self.dispatcher.register(params.session_id, endpoint)
+        share_handle = self.budget.join(rate.on_share)
         try:
-            await ctl.send(control.ACCEPT, **params.to_accept())
+            extra = self.hooks.accept_extra(user, spec, tracked)
+            await ctl.send(control.ACCEPT, **params.to_accept(), **extra)
             totals = await driver.run()
             core.close(loop.time())
             endpoint.step()
             _log_session(user, peer, spec, totals)
         finally:
+            self.budget.leave(share_handle)
             endpoint.close()
             self.dispatcher.unregister(params.session_id)
 
-    def _file_logger(self, user: UserConfig, peer: tuple[str, int], way: str) -> Any:
+    def _may_overwrite(self, user: UserConfig) -> bool:
+        """The per-user ``overwrite`` setting, else the server's (both default to allow)."""
+        own = getattr(user, "overwrite", None)
+        return bool(own if own is not None else getattr(self.config, "overwrite", True))
+
+    def _file_logger(
+        self, user: UserConfig, peer: tuple[str, int], way: str, tracked: Any = None
+    ) -> Any:
         def emit(event: dict[str, Any]) -> None:
             kind = event.get("type")
-            if kind in ("file_done", "file_error", "file_skipped"):
+            self.hooks.file_event(tracked, event)
+            if kind in ("file_done", "file_error", "file_skipped", "file_excluded"):
                 log.info(
-                    "file user=%s peer=%s dir=%s path=%s result=%s size=%s",
+                    "file user=%s peer=%s dir=%s path=%s result=%s size=%s%s",
                     user.name,
                     _peer(peer),
                     way,
                     event.get("path"),
                     kind,
                     event.get("size", ""),
+                    _file_details(event),
                 )
 
         return emit
+
+
+def _session_params(
+    spec: TransferSpec,
+    opened: dict[str, Any],
+    peer_ip: str,
+    port: int,
+    *,
+    ipv6: bool,
+    rate: ServerRate,
+) -> SessionParams:
+    """Keys, datagram size (path MTU, docs/protocol.md) and the rate granted to a session."""
+    features = tuple(str(f) for f in opened.get("features") or ())
+    client_mtu = opened.get("mtu") if "pmtu" in features else None
+    size, verify = choose_dgram_size(
+        spec.dgram_size,
+        int(client_mtu) if isinstance(client_mtu, int) else None,
+        route_mtu(peer_ip),
+    )
+    params = SessionParams.create(
+        spec.cipher, size, port, ipv6=ipv6, verify_mtu=verify, features=FEATURES
+    )
+    return dataclasses.replace(params, rate=rate.state.to_wire(), rate_limits=rate.limits.to_wire())
 
 
 def _peer(peer: tuple[str, int]) -> str:
@@ -152,7 +245,7 @@ def _log_session(
     summary = totals.as_dict()
     log.info(
         "session user=%s peer=%s direction=%s files=%d skipped=%d failed=%d bytes=%d "
-        "rate_mbps=%.1f result=%s",
+        "rate_mbps=%.1f result=%s%s",
         user.name,
         _peer(peer),
         "upload" if spec.direction == "send" else "download",
@@ -162,17 +255,31 @@ def _log_session(
         totals.bytes_files,
         summary["rate_bps"] / 1e6,
         "ok" if totals.files_failed == 0 else "partial",
+        _metadata_text(spec),
     )
 
 
-def _docroot_sources(user: UserConfig, spec: TransferSpec) -> Iterator[SourceEntry]:
-    entries = expand_sources(
-        [(p.source, p.destination) for p in spec.path_pairs()],
-        base_dir=user.docroot,
-        docroot=user.docroot,
-        source_root=spec.source_root,
-        src_base=spec.src_base,
-    )
+def _file_details(event: dict[str, Any]) -> str:
+    """The optional parts of a file log line: checksum, resume point, skip reason."""
+    parts = []
+    if event.get("file_checksum"):
+        parts.append(f" checksum={event['file_checksum_type']}:{event['file_checksum']}")
+    if event.get("resumed_from"):
+        parts.append(f" resumed_from={event['resumed_from']}")
+    if event.get("reason"):
+        parts.append(f" reason={json.dumps(event['reason'])}")
+    return "".join(parts)
+
+
+def _metadata_text(spec: TransferSpec) -> str:
+    """`` cookie=... tags=...`` as JSON values: quoted, so a newline cannot forge a line."""
+    metadata = session_metadata(spec)
+    return "".join(f" {key}={json.dumps(value)}" for key, value in metadata.items())
+
+
+def _docroot_sources(user: UserConfig, spec: TransferSpec) -> Iterator[SourceEntry | LeftOut]:
+    entries = select_sources(spec, base_dir=user.docroot, docroot=user.docroot)
+    entries = select_share(entries, spec)  # one of N multi_session shares, or everything
     # Resolve the first source now, so a wrong or forbidden path is refused before the
     # session is accepted rather than after the client started its UDP handshake.
     first = next(entries, None)

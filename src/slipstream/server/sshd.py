@@ -208,7 +208,8 @@ class _Connection(asyncssh.SSHServer):
         user = await self._state.auth.check_password(username, password)
         if user is None:
             return self._refuse(f"password for {username!r}")
-        return self._grant(username, user, "password")
+        # A token login (server/tokens.py) says so, and whether the token was refused.
+        return self._grant(username, user, getattr(user, "login_method", "password"))
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         user = self._state.auth.check_public_key(username, key, self._peer[0])

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from slipstream.transport.pmtu import allow_fragmentation, forbid_fragmentation
+
 __all__ = ["DatagramSocket", "IcmpError", "Address"]
 
 Address = tuple[str, int]
@@ -100,6 +102,7 @@ class DatagramSocket:
         self._writable: asyncio.Future[None] | None = None
         self._device_full = False
         self._gso_max_segment = GSO_MAX_BYTES // 2  # bigger segments could never pair up
+        self.fragmenting = False  # True once EMSGSIZE made us let the kernel fragment
         self.closed = False
 
     # -- construction -------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class DatagramSocket:
         gro: bool = True,
         rcvbuf: int = DEFAULT_RCVBUF,
         sndbuf: int = DEFAULT_SNDBUF,
+        dont_fragment: bool = True,
     ) -> DatagramSocket:
         """Bind a UDP socket; the family (IPv4/IPv6) follows ``host``.
 
@@ -130,6 +134,10 @@ class DatagramSocket:
             _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
             _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
             _enable_recverr(sock)
+            if dont_fragment:
+                # Path MTU discipline (transport/pmtu.py): never fragment; a datagram that
+                # no longer fits fails with EMSGSIZE and _send_failed falls back.
+                forbid_fragmentation(sock)
             sock.bind(sockaddr)
         except BaseException:
             sock.close()
@@ -219,6 +227,11 @@ class DatagramSocket:
 
     def _send_failed(self, exc: OSError) -> bool:
         """Classify a send error: True = retry the datagram, False = stop the batch."""
+        if exc.errno == errno.EMSGSIZE and not self.fragmenting:
+            # The route's MTU shrank below our datagrams mid-session (an ICMP "fragmentation
+            # needed" taught the kernel): fragmenting is slower, black-holing is worse.
+            self.fragmenting = allow_fragmentation(self._sock)
+            return self.fragmenting
         if exc.errno in _BACKPRESSURE:
             # ENOBUFS is the device/qdisc queue, not our send buffer (reported because
             # IP_RECVERR is on): the socket still polls writable, see wait_writable.

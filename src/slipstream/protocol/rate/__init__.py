@@ -17,6 +17,9 @@ from collections.abc import Callable
 from slipstream.errors import UnsupportedError
 
 UNLIMITED_BPS = 10e9  # the ceiling when a transfer has no target rate
+# No adaptive policy goes below this even with min 0: a zero rate would never send again,
+# so it could never learn that the path cleared.
+FLOOR_BPS = 64e3
 
 
 class RateController(ABC):
@@ -27,6 +30,12 @@ class RateController(ABC):
         self._min_bps = float(min_bps)
         if self._target_bps <= 0 or self._min_bps < 0:
             raise ValueError("target must be positive and min non-negative")
+        # Wire bytes of one full DATA datagram; the sender sets it (additive steps use it).
+        self.datagram_bytes = 1500
+        # What the sender really put on the wire in [start, end] (bytes/s), if it can say:
+        # a sender short of CPU sends less than its pacing rate, and judging delivery
+        # against the pacing rate would read that as a congested path and cut.
+        self.sent_meter: Callable[[float, float], float | None] | None = None
 
     # --- limits, in bits per second ----------------------------------------------------
 
@@ -49,7 +58,7 @@ class RateController(ABC):
     def clamp(self, rate_bytes: float) -> float:
         """``rate_bytes`` held inside ``[min, target]`` (target wins if min exceeds it)."""
         ceiling = self._target_bps / 8
-        return min(ceiling, max(self._min_bps / 8, rate_bytes))
+        return min(ceiling, max(self._min_bps / 8, FLOOR_BPS / 8, rate_bytes))
 
     def _on_limits_changed(self) -> None:  # noqa: B027 - optional hook, no-op default
         """Hook: re-clamp the current rate so a live change applies at once."""

@@ -2,27 +2,45 @@
 
 The controller works in *rounds* of about one smoothed RTT. At the end of each round it
 compares what the receiver got during the round with what we sent one RTT earlier (the
-data those reports describe), and it watches the smoothed queueing delay
-``q = RTT - min RTT``:
+data those reports describe), and it watches the queueing delay ``q`` (the round's smallest
+RTT sample minus the path's minimum RTT, so one delayed report does not count as a queue).
 
-* ``q`` (the round's smallest RTT sample minus the path's minimum RTT, so one delayed
-  report does not count as a queue) above the queue target: a queue is building at the
-  bottleneck. Send at the measured delivery rate scaled the FAST-TCP way,
+It has two modes.
+
+**delay** (the normal one, FAST-TCP / FASP style):
+
+* ``q`` above the queue target: a queue is building at the bottleneck. Send at the
+  measured delivery rate scaled the FAST-TCP way,
   ``delivered * (min_rtt + target) / (min_rtt + q)``, which settles with about ``target``
-  seconds of queue. Basing it on the delivery rate, not on our own rate, means rounds in
-  a row of the same standing queue do not compound into a collapse.
+  seconds of queue. Basing it on the delivery rate, not on our own rate, means rounds in a
+  row of the same standing queue do not compound into a collapse (on loopback the "queue"
+  is the receiver's socket buffer while its CPU catches up: the same rule holds the sender
+  at what the receiver can take).
 * delivery well below the send rate (after discounting the path's baseline loss): a
   shallow-buffered bottleneck is dropping the excess. Send at the delivery rate.
 * otherwise, once the last change has been observed, grow: double per round in start-up,
   then ``growth`` per round.
 
-Loss alone is never a congestion signal: random loss lowers delivery and send rate
-alike, and the baseline loss (the lowest loss fraction of the last rounds) is divided out
-before comparing them. That is what makes throughput independent of random loss.
+The queue target is a quarter of the minimum RTT, between 5 and 30 ms, so a lone flow adds
+little delay on short paths and still rides out scheduler noise.
+
+**compete**: a delay-based flow starves next to a loss-based one (TCP CUBIC fills any
+drop-tail buffer, so the queue never drains however far we cut). When the queue stays
+above the target for several rounds in a row although we cut, someone else holds it; the
+controller then stops reacting to delay and runs a TCP-like AIMD on the rate: add a few
+datagrams per RTT each round, and cut by ``compete_beta`` on a round whose loss is clearly
+above the path's random-loss baseline (at most once per RTT, as TCP does per loss event).
+Random loss alone is still never a congestion signal. Once the queue drains, the
+competitor is gone and the delay mode resumes.
+
+Loss alone is never a congestion signal in the delay mode: random loss lowers delivery and
+send rate alike, and the baseline loss is divided out before comparing them. That is what
+makes throughput independent of random loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from . import RateController
@@ -34,22 +52,46 @@ STARTUP_MIN_SAMPLE_BYTES = 30_000  # a report must carry ~20 datagrams to judge 
 CALM_ROUNDS = 8  # rounds free of any congestion sign before start-up resumes
 STARTUP_SHORTFALL = 0.7  # start-up doubles: a full pipe shows as about half delivered
 RTT_GAIN = 1 / 8  # smoothing of the controller's own RTT (it sets the round length)
+QUEUE_RTT_FRACTION = 0.25  # queue target as a share of the minimum RTT...
+MIN_QUEUE_TARGET = 0.005  # ...but at least this (scheduler noise on a busy host)...
+MAX_QUEUE_TARGET = 0.030  # ...and at most this (FASP's order of magnitude)
+COMPETE_AFTER_ROUNDS = 6  # rounds in a row with a standing queue despite our cuts
+COMPETE_LOSS_EVENTS = 2  # congestion-loss rounds within COMPETE_WINDOW: someone fills it
+COMPETE_WINDOW = 40  # rounds
+COMPETE_CALM_ROUNDS = 40  # compete mode ends after this many rounds without congestion...
+CONGESTION_SIGMAS = 3.0  # losses this many standard deviations above the random baseline
+NEAR_CEILING = 0.9  # within this share of the recent best delivery rate, probe gently...
+GENTLE_PROBE = 0.25  # ...with this fraction of the growth step (less overshoot, less queue)
+CEILING_ROUNDS = 10  # rounds the best delivery rate is remembered
+STALL_SHARE = 0.7  # a round delivering less than this share of the recent best: a stall?
+LOSS_ANCHOR_WINDOW = 30.0  # seconds: the lowest loss seen this long ago still bounds...
+LOSS_ANCHOR_SLACK = 0.01  # ...the baseline, to twice that plus this
 
 
 class FairRateController(RateController):
-    queue_target = 0.030  # seconds of queueing delay we accept (low, the scavenger, takes 25)
+    queue_share = 1.0  # multiplies the queue target (high accepts twice the queue)
     growth = 0.25  # per-round multiplicative probe once out of start-up
     shortfall = 0.85  # delivered / sent below this (after baseline loss) means a bottleneck
     keeping_up = 0.95  # ...and at or above this, the path takes all we send: we may grow
     max_cut = 0.5  # never below half the delivery rate on a delay signal alone
     min_round_blocks = 100  # loss fractions from fewer blocks are too noisy for the baseline
+    compete_beta = 0.7  # compete mode: multiplicative decrease per loss event (CUBIC's)
+    compete_step = 1.0  # compete mode: datagrams added per RTT (Reno's, about CUBIC's here)
+    may_compete = True  # low never competes: it yields instead
 
     def __init__(self, *, target_bps: float | None, min_bps: float = 0) -> None:
         super().__init__(target_bps=target_bps, min_bps=min_bps)
         self._rate = self.clamp(INITIAL_BPS / 8)
         self._startup = True
+        self._compete = False
+        self._standing_rounds = 0  # consecutive rounds with q above the target
+        self._round_index = 0
+        self._startup_left_at = 0  # round index when start-up last ended
+        self._congestion_rounds: deque[int] = deque(maxlen=COMPETE_LOSS_EVENTS)
+        self._cut_guard_until = 0.0  # compete mode: one cut per loss event (one RTT)
         self._calm_rounds = 0  # consecutive rounds without a sign of congestion
         self._startup_shortfalls = 0
+        self._shortfall_rounds = 0  # consecutive rounds delivering clearly less than sent
         self._qdelay = 0.0  # the last round's queueing delay
         self._round_min_rtt: float | None = None
         self._srtt: float | None = None
@@ -62,10 +104,16 @@ class FairRateController(RateController):
         # Baseline (random) loss: the lowest loss fraction among the last samples. Congestion
         # loss comes and goes with our rate; random loss is there in every sample.
         self._loss_history: deque[float] = deque(maxlen=10)
+        # (time, loss fraction) of the last LOSS_ANCHOR_WINDOW: when a shallow buffer drops
+        # our excess in every round, the short history alone would mistake that congestion
+        # loss for random loss, believe it delivers more than it does, and never back off.
+        self._loss_anchor: deque[tuple[float, float]] = deque()
         self._loss_lost = 0
         self._loss_observed = 0
         # (time, rate) change points, enough to average the rate sent one RTT ago.
         self._rate_history: deque[tuple[float, float]] = deque(maxlen=64)
+        # The best delivery rates of the last rounds: where the path's ceiling was.
+        self._recent_through: deque[float] = deque(maxlen=CEILING_ROUNDS)
 
     @property
     def pacing_rate(self) -> float:
@@ -76,8 +124,20 @@ class FairRateController(RateController):
         return self._startup
 
     @property
+    def competing(self) -> bool:
+        """True while the controller runs its TCP-like mode next to a queue-filling flow."""
+        return self._compete
+
+    @property
     def queueing_delay(self) -> float:
         return self._qdelay
+
+    @property
+    def queue_target(self) -> float:
+        """Seconds of standing queue the delay mode aims for (scaled by ``queue_share``)."""
+        base = self._min_rtt if self._min_rtt is not None else MAX_QUEUE_TARGET / QUEUE_RTT_FRACTION
+        target = min(MAX_QUEUE_TARGET, max(MIN_QUEUE_TARGET, QUEUE_RTT_FRACTION * base))
+        return target * self.queue_share
 
     def seed(self, pacing_rate: float) -> None:
         self._rate = self.clamp(pacing_rate)
@@ -85,7 +145,7 @@ class FairRateController(RateController):
     def _on_limits_changed(self) -> None:
         previous = self._rate
         self._rate = self.clamp(self._rate)
-        if self._rate >= previous and self._rate < self.target_bps / 8:
+        if self._rate >= previous and self._rate < self.target_bps / 8 and not self._compete:
             self._startup = True  # a raised target is reached fast, until congestion shows
 
     # --- the control loop ----------------------------------------------------------------
@@ -144,7 +204,7 @@ class FairRateController(RateController):
             return
         through = delivered_bytes / interval / (1.0 - self._baseline_loss())
         shift = self._srtt or 0.0
-        sent_rate = self._mean_rate_sent(now - interval - shift, now - shift)
+        sent_rate = self._sent_rate(now - interval - shift, now - shift)
         if through >= STARTUP_SHORTFALL * sent_rate:
             self._startup_shortfalls = 0
             return
@@ -156,7 +216,24 @@ class FairRateController(RateController):
             self._rate_history.append((now, self._rate))
 
     def _baseline_loss(self) -> float:
-        return min(0.5, min(self._loss_history, default=0.0))
+        recent = min(self._loss_history, default=0.0)
+        anchor = min((frac for _t, frac in self._loss_anchor), default=recent)
+        return min(0.5, recent, 2 * anchor + LOSS_ANCHOR_SLACK)
+
+    def _random_loss(self) -> float:
+        """The typical (median) loss fraction of the last samples: the random-loss level."""
+        if not self._loss_history:
+            return 0.0
+        ordered = sorted(self._loss_history)
+        return min(0.5, ordered[len(ordered) // 2])
+
+    def _congested(self) -> bool:
+        """This round lost clearly more than random loss explains (a binomial 3-sigma test)."""
+        observed = self._round_lost + self._round_acked
+        if observed <= 0:
+            return False
+        expected = self._random_loss() * observed
+        return self._round_lost > expected + CONGESTION_SIGMAS * math.sqrt(expected) + 2
 
     def _end_round(self, now: float) -> None:
         assert self._round_start is not None
@@ -164,40 +241,68 @@ class FairRateController(RateController):
             base = self._min_rtt if self._min_rtt is not None else self._round_min_rtt
             self._qdelay = max(0.0, self._round_min_rtt - base)
         self._round_min_rtt = None
+        congested = self._congested()
+        self._round_index += 1
+        if self._startup:
+            self._startup_left_at = self._round_index
+        elif congested and self._round_index - self._startup_left_at > 4:
+            # (a start-up overshoot's drops are ours, not a competitor's)
+            self._congestion_rounds.append(self._round_index)
         self._loss_lost += self._round_lost
         self._loss_observed += self._round_lost + self._round_acked
         if self._loss_observed >= self.min_round_blocks:
-            self._loss_history.append(self._loss_lost / self._loss_observed)
+            fraction = self._loss_lost / self._loss_observed
+            self._loss_history.append(fraction)
+            self._loss_anchor.append((now, fraction))
+            while now - self._loss_anchor[0][0] > LOSS_ANCHOR_WINDOW:
+                self._loss_anchor.popleft()
             self._loss_lost = self._loss_observed = 0
         # The reports of this round describe what we sent one RTT earlier.
         shift = self._srtt or 0.0
-        sent_rate = self._mean_rate_sent(self._round_start - shift, now - shift)
+        sent_rate = self._sent_rate(self._round_start - shift, now - shift)
         delivered_rate = (
             self._round_delivered / self._round_interval if self._round_interval > 0 else 0.0
         )
         previous = self._rate
         if sent_rate > 0 and delivered_rate > 0:
-            self._rate = self.clamp(self._next_rate(delivered_rate, sent_rate))
+            if self._compete:
+                rate = self._compete_rate(now, delivered_rate, sent_rate, congested)
+            else:
+                rate = self._next_rate(delivered_rate, sent_rate)
+                self._watch_competition(delivered_rate)
+            self._rate = self.clamp(rate)
         if self._rate != previous:
             self._rate_history.append((now, self._rate))
         self._round_start = now
         self._round_delivered = self._round_lost = self._round_acked = 0
         self._round_interval = 0.0
 
+    # --- delay mode ------------------------------------------------------------------------
+
     def _next_rate(self, delivered_rate: float, sent_rate: float) -> float:
         # What the bottleneck passed, as if the random loss after it had not happened.
         through = delivered_rate / (1.0 - self._baseline_loss())
+        self._recent_through.append(through)
         base_rtt = self._min_rtt or 0.0
-        if self._qdelay > self.queue_target:
+        target = self.queue_target
+        if self._qdelay > target:
             self._startup = False
             self._calm_rounds = 0
-            scale = (base_rtt + self.queue_target) / (base_rtt + self._qdelay)
+            scale = (base_rtt + target) / (base_rtt + self._qdelay)
             return through * max(self.max_cut, scale)
         # Until the baseline loss is known, a shortfall may be random loss: hold, not cut.
         if through < self.shortfall * sent_rate and self._loss_history:
             self._startup = False
             self._calm_rounds = 0
-            return through  # a full shallow-buffered bottleneck: send what gets through
+            self._shortfall_rounds += 1
+            if through >= STALL_SHARE * max(self._recent_through):
+                return through  # a full shallow-buffered bottleneck: send what gets through
+            # Far below what the path delivered moments ago: more likely a receiver that lost
+            # the CPU for a while than a path that shrank. Hold a round, then at most halve.
+            if self._shortfall_rounds < 2:
+                return self._rate
+            return max(through, self._rate * self.max_cut)
+        self._shortfall_rounds = 0
         return self._grow(through, sent_rate)
 
     def _grow(self, through: float, sent_rate: float) -> float:
@@ -211,7 +316,61 @@ class FairRateController(RateController):
             return self._rate * 2  # like BBR's start-up: find the ceiling in a few RTTs
         if sent_rate < 0.95 * self._rate:
             return self._rate  # the last increase is not visible in the reports yet
+        if self._rate >= NEAR_CEILING * max(self._recent_through):
+            return self._rate * (1 + self.growth * GENTLE_PROBE)  # near the known ceiling
         return self._rate * (1 + self.growth)
+
+    def _watch_competition(self, delivered_rate: float) -> None:
+        """Signs of a loss-based flow next to us: compete with it.
+
+        Alone, the delay mode keeps the queue near its target and a buffer of at least that
+        size never overflows. So (a) a queue that stands for several rounds although we cut
+        (our cuts drain our own queue within a round or two), or (b) repeated congestion
+        loss outside start-up, means someone else fills the buffer.
+        """
+        if not self.may_compete:
+            return
+        if self._qdelay <= self.queue_target:
+            self._standing_rounds = 0
+        else:
+            self._standing_rounds += 1
+        events = self._congestion_rounds
+        lossy = (
+            len(events) >= COMPETE_LOSS_EVENTS and self._round_index - events[0] <= COMPETE_WINDOW
+        )
+        if self._standing_rounds >= COMPETE_AFTER_ROUNDS or lossy:
+            self._compete = True
+            self._startup = False
+            self._standing_rounds = 0
+            self._rate = max(self._rate, delivered_rate)  # start from the share we hold
+
+    # --- compete mode ----------------------------------------------------------------------
+
+    def _compete_rate(
+        self, now: float, delivered_rate: float, sent_rate: float, congested: bool
+    ) -> float:
+        last_event = self._congestion_rounds[-1] if self._congestion_rounds else 0
+        calm = self._round_index - last_event >= COMPETE_CALM_ROUNDS
+        if calm and self._qdelay < self.queue_target / 2:
+            # No overflow for a while and the queue drained: nobody fills it any more.
+            self._compete = False
+            self._congestion_rounds.clear()
+            return self._next_rate(delivered_rate, sent_rate)
+        srtt = self._srtt or MIN_ROUND
+        if congested and now >= self._cut_guard_until:
+            # The reports describe data sent one RTT ago: the next round still shows the
+            # same loss event, so cut once per event as TCP does.
+            self._cut_guard_until = now + 2 * srtt
+            through = delivered_rate / (1.0 - self._random_loss())
+            return min(self._rate, through) * self.compete_beta
+        return self._rate + self.compete_step * self.datagram_bytes / max(srtt, MIN_ROUND)
+
+    def _sent_rate(self, start: float, end: float) -> float:
+        """What we sent in ``[start, end]``: the sender's own count if it keeps one (it may
+        have sent less than the pacing rate allowed), else the mean pacing rate."""
+        paced = self._mean_rate_sent(start, end)
+        measured = self.sent_meter(start, end) if self.sent_meter is not None else None
+        return paced if measured is None else min(paced, measured)
 
     def _mean_rate_sent(self, start: float, end: float) -> float:
         """Mean pacing rate over ``[start, end]``."""
@@ -234,5 +393,7 @@ class FairRateController(RateController):
 class HighRateController(FairRateController):
     """``high``: about twice as aggressive as ``fair`` under congestion."""
 
-    queue_target = 0.060  # twice the queue fair accepts...
-    growth = 0.5  # ...and twice its probing step
+    queue_share = 2.0  # twice the queue fair accepts...
+    growth = 0.5  # ...twice its probing step...
+    compete_step = 2.0  # ...and in compete mode twice the additive step with a gentler cut
+    compete_beta = 0.85
