@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
 
 import pytest
+import xxhash
 
+from slipstream.engine.blockio import FileSlot
 from slipstream.engine.envelope import (
     HEADER_SIZE,
     TAG_SIZE,
@@ -20,14 +23,16 @@ from slipstream.engine.envelope import (
     envelope_size,
     plain_file_reader,
 )
+from slipstream.engine.outgoing import EnvelopeBlockSource
 from slipstream.errors import BadPassphrase, ContentProtectionError, FileIOError
 
 CHUNK = 1 << 16
+PASSPHRASE = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
 def keyring() -> Keyring:
-    return Keyring("correct horse battery staple")
+    return Keyring(PASSPHRASE)
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 77])
@@ -43,12 +48,8 @@ def test_round_trip_and_size_formula(tmp_path: Path, keyring: Keyring, size: int
     )
     if size > 64:
         assert plain[:64] not in sealed
-    assert decrypt_file(tmp_path / "f.env", tmp_path / "out", Keyring(keyring_pass())) == size
+    assert decrypt_file(tmp_path / "f.env", tmp_path / "out", Keyring(PASSPHRASE)) == size
     assert (tmp_path / "out").read_bytes() == plain
-
-
-def keyring_pass() -> str:
-    return "correct horse battery staple"
 
 
 def test_wrong_passphrase_writes_nothing(tmp_path: Path, keyring: Keyring) -> None:
@@ -150,3 +151,27 @@ def test_one_key_derivation_per_salt(keyring: Keyring) -> None:
     second, _ = keyring.new_header(2)
     assert first.salt == second.salt  # one session salt: scrypt runs once for many files
     assert first.wrapped_key != second.wrapped_key
+
+
+def test_envelope_block_source_serves_the_envelope(tmp_path: Path, keyring: Keyring) -> None:
+    """What the sender puts on the wire for an encrypted upload: the envelope's bytes, block
+    by block, in any order, digested during the first sequential pass."""
+    size, payload = 3 * CHUNK + 999, 1420
+    (tmp_path / "f").write_bytes(os.urandom(size))
+    hashed: list[tuple[int, str, str | None]] = []
+    source = EnvelopeBlockSource(payload, lambda *a: hashed.append(a), keyring)
+    source.checksum = "sha256"
+    slot = FileSlot(7, 100, -(-envelope_size(size) // payload), 0, envelope_size(size))
+    source.register(slot, tmp_path / "f", size)
+    blocks = {b: source.read_block(b) for b in range(slot.first_block, slot.end_block)}
+    envelope = b"".join(blocks[b] for b in sorted(blocks))
+    assert len(envelope) == envelope_size(size)
+    for block in random.Random(3).sample(sorted(blocks), 20):  # retransmissions
+        assert source.read_block(block) == blocks[block]
+    (tmp_path / "f.env").write_bytes(envelope)
+    decrypt_file(tmp_path / "f.env", tmp_path / "out", keyring)
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "f").read_bytes()
+    assert hashed == [
+        (7, xxhash.xxh3_128_hexdigest(envelope), hashlib.sha256(envelope).hexdigest())
+    ]
+    source.close()
