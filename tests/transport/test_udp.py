@@ -445,3 +445,20 @@ async def test_wait_writable_is_shared_and_one_shot(sockets: Callable[..., Datag
     second = sock.wait_writable()
     assert second is not first
     await asyncio.wait_for(second, 1.0)
+
+
+def test_locally_refused_sends_count_as_drops(sockets: Callable[..., DatagramSocket]) -> None:
+    # A local firewall's output drop surfaces as EPERM: the datagrams are lost (the protocol
+    # recovers or times out), the call returns normally, and later sends work.
+    for gso in (True, False):
+        sender, receiver = sockets(gso=gso), sockets(gro=False)
+        fake = proxy(sender)
+        fake.fail_on["sendmsg" if sender.gso_supported else "sendto"] = {1: errno.EPERM}
+        refused = [bytes([i]) * 1000 for i in range(4)]
+        # One GSO call carries the whole run; without GSO only the first datagram is refused.
+        expected = [b"after"] if sender.gso_supported else [*refused[1:], b"after"]
+        assert sender.send_batch(refused, receiver.local_address) == len(refused)
+        assert sender.send_drops == 1
+        assert isinstance(sender.last_send_error, PermissionError)
+        assert sender.send_batch([b"after"], receiver.local_address) == 1
+        assert [data for data, _ in drain(receiver, len(expected))] == expected

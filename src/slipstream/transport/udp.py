@@ -64,6 +64,12 @@ _ANC_BUFSIZE = socket.CMSG_SPACE(_GRO_SEG.size)
 _ERRQ_ANC_BUFSIZE = socket.CMSG_SPACE(512)
 # Send failures that mean "the kernel is full right now": stop the batch, the caller retries.
 _BACKPRESSURE = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+# Errors that mean "this datagram will not leave": a local firewall rule (EPERM), no route.
+# To the protocol they are losses like any other; raising them would kill the event loop's
+# callback and leave the session hanging instead of timing out with a clear message.
+_DROPPED = frozenset(
+    {errno.EPERM, errno.EACCES, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,8 @@ class DatagramSocket:
         self.gso_supported = gso and _probe_gso(sock)
         self.gro_enabled = gro and _enable_gro(sock)
         self.icmp_errors = 0
+        self.send_drops = 0  # datagrams the local stack refused to send (firewall, no route)
+        self.last_send_error: OSError | None = None
         self.last_icmp_error: IcmpError | None = None
         self._arena = bytearray(ARENA_BYTES)
         self._view = memoryview(self._arena)
@@ -182,6 +190,10 @@ class DatagramSocket:
             try:
                 sendto(datagrams[i], dest)
             except OSError as exc:
+                if exc.errno in _DROPPED:
+                    self._note_dropped(exc)
+                    i += 1
+                    continue
                 if self._send_failed(exc):
                     continue  # an earlier datagram's ICMP error surfaced here: this one is unsent
                 return i
@@ -212,6 +224,9 @@ class DatagramSocket:
                 self._sock.sendmsg(datagrams[start:end], self._segment_cmsg(segment), 0, dest)
                 return end
             except OSError as exc:
+                if exc.errno in _DROPPED:
+                    self._note_dropped(exc)
+                    return end
                 if exc.errno in (errno.EIO, errno.EINVAL):
                     # No checksum offload, a route through xfrm, or a kernel that lied about
                     # support: GSO will not work on this socket. sendto will.
@@ -224,6 +239,10 @@ class DatagramSocket:
                     return self._send_plain(datagrams, start, end, dest)
                 if not self._send_failed(exc):
                     return start
+
+    def _note_dropped(self, exc: OSError) -> None:
+        self.send_drops += 1
+        self.last_send_error = exc
 
     def _send_failed(self, exc: OSError) -> bool:
         """Classify a send error: True = retry the datagram, False = stop the batch."""
