@@ -354,6 +354,8 @@ async def _handshake_watchdog(
         await asyncio.wait_for(watch.handshake.wait(), timeout)
     except TimeoutError:
         refused = " (the host answered 'port unreachable')" if sock.icmp_errors else ""
+        if sock.send_drops:
+            refused = f" (this machine refused to send: {sock.last_send_error})"
         watch.fail(
             UdpBlocked(
                 f"No UDP reply from {peer[0]} port {peer[1]} within {timeout:g} s{refused}: "
