@@ -78,12 +78,12 @@ def test_upload_killed_then_resumed(server: ServerHandle, tmp_path: Path, victim
     if victim == "server":
         client.communicate(timeout=60)
         server = restart(server)
-    else:
-        wait_for(lambda: "result=" in server.log())  # the server noticed and checkpointed
-    on_disk = written(partial)
-    record = read_checkpoint(partial)
-    assert record is not None and record.good > 0
     try:
+        if victim == "client":
+            wait_for(lambda: "result=" in server.log())  # the server noticed, checkpointed
+        on_disk = written(partial)
+        record = read_checkpoint(partial)
+        assert record is not None and record.good > 0
         done = finish(server, "send", ["big.bin", "/"], tmp_path)
         assert done["resumed_from"] == record.good
         # The checkpoint trails what was written by at most a few megabytes.
@@ -110,11 +110,11 @@ def test_download_killed_then_resumed(server: ServerHandle, tmp_path: Path, vict
         server = restart(server)
     else:
         client.communicate(timeout=10)
-    on_disk = written(partial)
-    record = read_checkpoint(partial)
-    assert record is not None and record.good > 0
-    assert not (tmp_path / "big.bin").exists()
     try:
+        on_disk = written(partial)
+        record = read_checkpoint(partial)
+        assert record is not None and record.good > 0
+        assert not (tmp_path / "big.bin").exists()
         done = finish(server, "recv", ["/big.bin", "."], tmp_path)
         assert done["resumed_from"] == record.good
         assert on_disk - record.good < 6 * 1024 * 1024
