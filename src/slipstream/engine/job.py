@@ -23,7 +23,7 @@ from slipstream.engine.multisession import (
     session_count,
     session_index,
 )
-from slipstream.engine.paths import DestinationResolver, SourceEntry, expand_sources
+from slipstream.engine.paths import SourceEntry, expand_sources
 from slipstream.engine.selection import select_sources
 from slipstream.engine.semantics import check_file_semantics, session_metadata
 from slipstream.engine.session import (
@@ -41,6 +41,7 @@ from slipstream.engine.wiring import (
     build_receiver,
     build_sender,
     client_rate_settings,
+    destination_for_spec,
     open_extras,
 )
 from slipstream.errors import (
@@ -264,7 +265,9 @@ async def _run_http(
         target,
         emit,
         sources=lambda: _local_sources(spec, cwd, options.docroot),
-        destination=lambda: _local_destination(spec, cwd, options.docroot),
+        destination=lambda: destination_for_spec(
+            spec, base_dir=cwd, docroot=options.docroot, default_root="."
+        ),
         progress_interval=options.progress_interval,
     )
     result = TransferResult(spec.direction, totals, transport="http")
@@ -316,7 +319,9 @@ async def _data_phase(
             now=loop.time(),
         )
     else:
-        resolver = _local_destination(spec, cwd, options.docroot)
+        resolver = destination_for_spec(
+            spec, base_dir=cwd, docroot=options.docroot, default_root="."
+        )
         driver = RecvDriver(
             ctl, resolver, emit, params.block_payload, ReceiveOptions.from_spec(spec)
         )
@@ -382,20 +387,8 @@ def _selected_sources(spec: TransferSpec, cwd: Path, docroot: Path | None) -> It
     return select_share(select_sources(spec, base_dir=cwd, docroot=docroot), spec)
 
 
-def _local_destination(
-    spec: TransferSpec, cwd: Path, docroot: Path | None = None
-) -> DestinationResolver:
-    pairs = spec.path_pairs()
-    resolver = DestinationResolver(
-        spec.destination_root or ".",
-        docroot=docroot,
-        base_dir=cwd,
-        single_source=len(pairs) == 1,
-        create_dir=spec.create_dir,
-        pair_mode=spec.is_pair_format or spec.src_base is not None,
-    )
-    resolver.prepare()
-    return resolver
+def _local_destination(spec: TransferSpec, cwd: Path, docroot: Path | None) -> Any:
+    return destination_for_spec(spec, base_dir=cwd, docroot=docroot, default_root=".")
 
 
 async def _report_progress(emit: Emit, driver: Any, core: Any, interval: float) -> None:

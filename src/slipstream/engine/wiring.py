@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from slipstream.engine.paths import DestinationResolver
 from slipstream.engine.ratelimits import RateState
 from slipstream.protocol import crypto, wire
 from slipstream.protocol.rate import create_rate_controller
@@ -209,3 +211,23 @@ def build_receiver(
     if params.verify_mtu:
         receiver.verify_path_mtu(params.block_payload + wire.DATA_OVERHEAD)
     return receiver
+
+
+def destination_for_spec(
+    spec: TransferSpec, *, base_dir: Path, docroot: Path | None, default_root: str
+) -> DestinationResolver:
+    """The receiving side's destination rules for a spec, checked and prepared.
+
+    The client (``default_root`` ".", relative to its folder) and the server (``"/"``, the
+    docroot) build it the same way, whichever transport carries the data.
+    """
+    resolver = DestinationResolver(
+        spec.destination_root or default_root,
+        docroot=docroot,
+        base_dir=base_dir,
+        single_source=len(spec.path_pairs()) == 1,
+        create_dir=spec.create_dir,
+        pair_mode=spec.is_pair_format or spec.src_base is not None,
+    )
+    resolver.prepare()
+    return resolver

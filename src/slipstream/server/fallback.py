@@ -31,6 +31,7 @@ from slipstream.engine.blockio import file_digest, os_error_to_slipstream
 from slipstream.engine.fallback import skip_reason
 from slipstream.engine.paths import DestinationResolver, SourceEntry, expand_sources
 from slipstream.engine.session import ReceiveOptions
+from slipstream.engine.wiring import destination_for_spec
 from slipstream.errors import (
     AuthenticationError,
     ChecksumMismatch,
@@ -169,7 +170,9 @@ class FallbackServer:
     def _prepare(self, session: _Session) -> dict[str, Any]:
         user, spec = session.user, session.spec
         if spec.direction == "send":
-            session.resolver = _destination(user, spec)
+            session.resolver = destination_for_spec(
+                spec, base_dir=user.docroot, docroot=user.docroot, default_root="/"
+            )
             return {}
         session.entries = list(
             expand_sources(
@@ -433,21 +436,6 @@ def _resume_offset(partial: Path, size: int, spec: TransferSpec) -> int:
         if 0 < held < size and partial.is_file():
             return held
     return 0
-
-
-def _destination(user: UserConfig, spec: TransferSpec) -> DestinationResolver:
-    # The same construction as the UDP server session's (server/session.py).
-    pairs = spec.path_pairs()
-    resolver = DestinationResolver(
-        spec.destination_root or "/",
-        docroot=user.docroot,
-        base_dir=user.docroot,
-        single_source=len(pairs) == 1,
-        create_dir=spec.create_dir,
-        pair_mode=spec.is_pair_format or spec.src_base is not None,
-    )
-    resolver.prepare()
-    return resolver
 
 
 def _file_id(request: web.Request) -> int:
