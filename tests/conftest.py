@@ -126,6 +126,20 @@ def connect_args(server: ServerHandle) -> list[str]:
     ]
 
 
+def connection_spec(server: ServerHandle, **fields: Any) -> dict[str, Any]:
+    """A TransferSpec dict reaching ``server`` with its quickstart password, plus ``fields``."""
+    info = server.info
+    return {
+        "remote_host": info["host"],
+        "remote_user": info["user"],
+        "remote_password": info["password"],
+        "ssh_port": info["ssh_port"],
+        "fasp_port": info["fasp_port"],
+        "sshfp": info["sshfp"],
+        **fields,
+    }
+
+
 def password_env(server: ServerHandle) -> dict[str, str]:
     return {"SLIPSTREAM_PASSWORD": server.info["password"]}
 

@@ -14,7 +14,15 @@ from slipstream.engine.envelope import envelope_size
 from slipstream.engine.job import ClientOptions, transfer
 from slipstream.engine.resume import CheckpointWriter, FileIdentity
 from slipstream.errors import BadPassphrase
-from tests.conftest import ServerHandle, cli, connect_args, make_tree, password_env, tree_digest
+from tests.conftest import (
+    ServerHandle,
+    cli,
+    connect_args,
+    connection_spec,
+    make_tree,
+    password_env,
+    tree_digest,
+)
 
 PASS = {"SLIPSTREAM_FILEPASS": "open sesame"}
 
@@ -24,16 +32,7 @@ def run(server: ServerHandle, verb: str, *args: str, cwd: Path, env: dict[str, s
 
 
 def api(server: ServerHandle, cwd: Path, **fields: Any) -> list[dict[str, Any]]:
-    info = server.info
-    spec = {
-        "remote_host": info["host"],
-        "remote_user": info["user"],
-        "remote_password": info["password"],
-        "ssh_port": info["ssh_port"],
-        "fasp_port": info["fasp_port"],
-        "sshfp": info["sshfp"],
-        **fields,
-    }
+    spec = connection_spec(server, **fields)
     events: list[dict[str, Any]] = []
     asyncio.run(transfer(spec, events.append, ClientOptions(cwd=cwd)))
     return events

@@ -24,7 +24,14 @@ import pytest
 
 from slipstream.engine.job import ClientOptions, TransferResult, transfer
 from slipstream.engine.resume import CheckpointWriter, FileIdentity, checkpoint_path
-from tests.conftest import ServerHandle, cli, connect_args, password_env, start_quickstart
+from tests.conftest import (
+    ServerHandle,
+    cli,
+    connect_args,
+    connection_spec,
+    password_env,
+    start_quickstart,
+)
 
 RESUMES = ("none", "attributes", "sparse_checksum", "full_checksum")
 OVERWRITES = ("never", "always", "diff", "older", "diff+older")
@@ -47,16 +54,7 @@ def api(
     server: ServerHandle, cwd: Path, **fields: Any
 ) -> tuple[TransferResult, list[dict[str, Any]]]:
     """One transfer through the Python API; returns the result and every event."""
-    info = server.info
-    spec = {
-        "remote_host": info["host"],
-        "remote_user": info["user"],
-        "remote_password": info["password"],
-        "ssh_port": info["ssh_port"],
-        "fasp_port": info["fasp_port"],
-        "sshfp": info["sshfp"],
-        **fields,
-    }
+    spec = connection_spec(server, **fields)
     events: list[dict[str, Any]] = []
     result = asyncio.run(transfer(spec, events.append, ClientOptions(cwd=cwd)))
     return result, events
