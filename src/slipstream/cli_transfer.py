@@ -137,7 +137,7 @@ def _listed_paths(opts: dict[str, Any]) -> list[dict[str, str]]:
 def _client_options(spec: TransferSpec, opts: dict[str, Any]) -> ClientOptions:
     password = os.environ.get("SLIPSTREAM_PASSWORD") or None
     keys = list(opts["key_files"])
-    if not password and not keys and not spec.remote_password and sys.stdin.isatty():
+    if _needs_password_prompt(spec, password, keys):
         password = getpass.getpass(f"Password for {spec.remote_user}@{spec.remote_host}: ")
     return ClientOptions(
         password=password,
@@ -147,6 +147,14 @@ def _client_options(spec: TransferSpec, opts: dict[str, Any]) -> ClientOptions:
         udp_timeout=float(opts["udp_timeout"]),
         control_socket=_control_socket(opts),
     )
+
+
+def _needs_password_prompt(spec: TransferSpec, password: str | None, keys: list[str]) -> bool:
+    """Ask only when nothing else can log in: a token, a key or a known password all can."""
+    if password or keys or spec.remote_password or not sys.stdin.isatty():
+        return False
+    has_key = bool(getattr(spec, "ssh_private_key_path", None))
+    return spec.authentication != "token" and not has_key
 
 
 def _control_socket(opts: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ from slipstream.server.config import ServerConfig, UserConfig
 from slipstream.server.hostkey import fingerprint, load_or_create_host_key
 from slipstream.server.passwords import hash_password
 from slipstream.server.sshd import SshServer, start_sshd
+from slipstream.transport import ssh as ssh_client
 from slipstream.transport.ssh import (
     ControlChannel,
     _os_error_message,
@@ -103,7 +104,6 @@ async def exchange(channel: ControlChannel, data: bytes) -> bytes:
         channel.writer.write(data)
         reply = await channel.reader.read()
         await channel.writer.channel.wait_closed()
-        assert channel.exit_status == 3
     return reply
 
 
@@ -425,3 +425,85 @@ async def test_ssh_server_without_the_subsystem(tmp_path: Path) -> None:
     finally:
         plain.close()
         await plain.wait_closed()
+
+
+# --- the control stream and its round trips -------------------------------------------
+
+
+async def test_old_server_without_the_direct_channel_gets_the_subsystem(
+    server: SshServer, server_fp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A destination this server does not serve looks, to the client, like an older server.
+    monkeypatch.setattr(ssh_client, "CONTROL_DESTINATION", ("elsewhere", 1))
+    channel = await open_control_channel(
+        "127.0.0.1", server.port, "alice", password=PASSWORD, sshfp=server_fp
+    )
+    assert await exchange(channel, b"hi\n") == b"alice:hi\n"
+    assert channel.exit_status == 3  # a subsystem channel carries the handler's status
+
+
+async def test_real_port_forwarding_is_refused(server: SshServer, server_fp: str) -> None:
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", server.port, username="alice", password=PASSWORD, known_hosts=None
+    )
+    try:
+        with pytest.raises(asyncssh.ChannelOpenError, match="not offered"):
+            await conn.open_connection("127.0.0.1", port)
+    finally:
+        conn.close()
+        listener.close()
+
+
+class _DelayProxy:
+    """A TCP relay on 127.0.0.1 that holds every chunk ``one_way`` seconds, each way: a long
+    path for counting round trips. ``flights`` counts client-to-server bursts that follow
+    a server reply (a new round trip)."""
+
+    def __init__(self, target_port: int, one_way: float) -> None:
+        self.target_port, self.one_way = target_port, one_way
+        self.round_trips = 0
+        self._last = "server"
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(self.one_way * 2)  # the TCP handshake's round trip
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(
+            self._pump(client_r, server_w, "client"), self._pump(server_r, client_w, "server")
+        )
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, side: str) -> None:
+        loop = asyncio.get_running_loop()
+        while data := await src.read(65536):
+            if side == "client" and self._last == "server":
+                self.round_trips += 1
+            self._last = side
+            loop.call_later(self.one_way, dst.write, data)  # call_later keeps the order
+        loop.call_later(self.one_way, dst.close)
+
+
+async def test_control_channel_opens_in_few_round_trips(server: SshServer, server_fp: str) -> None:
+    # TCP, key exchange init, key exchange, service, password, channel: six. (Before: a
+    # "none" probe, keyboard-interactive's two and a subsystem request made ten.)
+    proxy = _DelayProxy(server.port, one_way=0.05)
+    port = await proxy.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        channel = await open_control_channel(
+            "127.0.0.1", port, "alice", password=PASSWORD, sshfp=server_fp
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        assert await exchange(channel, b"hi\n") == b"alice:hi\n"
+    finally:
+        proxy.close()
+    # Seven client flights: the six above plus the exchange itself (ten before).
+    assert proxy.round_trips <= 7
+    assert elapsed < 8 * 0.1, f"{elapsed:.2f} s for six round trips of 0.1 s"

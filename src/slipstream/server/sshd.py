@@ -1,9 +1,11 @@
 """The embedded SSH server that carries the control channel.
 
 No system sshd and no system accounts: users come from the server config, and the only
-thing a logged-in user can do is open the ``slipstream`` subsystem, whose byte streams are
-handed to a :data:`SessionHandler`. Shells, exec, port/agent/X11 forwarding and SFTP are
-all refused, so a transfer account is never a way into the machine.
+thing a logged-in user can do is open a control stream, whose bytes are handed to a
+:data:`SessionHandler`: either the ``slipstream`` subsystem or, one round trip quicker, a
+direct channel to the pseudo destination ``CONTROL_DESTINATION`` (served here, never
+forwarded). Shells, exec, real port forwarding, agent/X11 forwarding and SFTP are all
+refused, so a transfer account is never a way into the machine.
 
 Who may log in is decided by :class:`Authenticator`; subclass it (and pass it to
 :func:`start_sshd`) to add other kinds of users, e.g. token users.
@@ -22,6 +24,7 @@ from asyncssh.stream import SSHServerStreamSession  # not re-exported at the top
 
 from slipstream.server.config import ServerConfig, UserConfig
 from slipstream.server.passwords import verify_password
+from slipstream.transport.ssh import CONTROL_DESTINATION
 
 log = logging.getLogger("slipstream.server")
 
@@ -243,10 +246,41 @@ class _Connection(asyncssh.SSHServer):
 
     # --- channels ----------------------------------------------------------------------
 
+    def kbdint_auth_supported(self) -> bool:
+        # Passwords are checked by ``password`` auth (one round trip); offering
+        # keyboard-interactive too would let clients pick its two.
+        return False
+
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
         if self._user is None:
             return False
         return _SubsystemOnlySession(self._state.handler, self._user, self._peer)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]:
+        """The direct control channel (transport/ssh.py); nothing is ever forwarded."""
+        if self._user is None or (dest_host, dest_port) != CONTROL_DESTINATION:
+            who = self._user.name if self._user else "?"
+            log.warning(
+                "refused port forwarding to %s:%d for user %r from %s",
+                dest_host,
+                dest_port,
+                who,
+                _fmt(self._peer),
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "port forwarding is not offered"
+            )
+        user, peer, handler = self._user, self._peer, self._state.handler
+
+        async def serve(
+            reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]
+        ) -> None:
+            await _serve_control(handler, user, reader, writer, peer)
+            writer.close()
+
+        return serve
 
 
 class _SubsystemOnlySession(SSHServerStreamSession[bytes]):
@@ -283,20 +317,31 @@ class _SubsystemOnlySession(SSHServerStreamSession[bytes]):
         writer: asyncssh.SSHWriter[bytes],
         _stderr: asyncssh.SSHWriter[bytes],
     ) -> None:
-        try:
-            status = await self._handler(self._user, reader, writer, self._peer)
-        except (BrokenPipeError, ConnectionError, asyncssh.DisconnectError) as exc:
-            # The client vanished mid-session: expected on a network, not a server bug.
-            log.info("user %r from %s went away: %s", self._user.name, _fmt(self._peer), exc)
-            status = 255
-        except Exception:
-            # The handler owns error reporting to the client; anything else escaping it is
-            # a bug, so log it and end this channel only, never the whole server.
-            log.exception("session handler failed for user %r", self._user.name)
-            status = 1
+        status = await _serve_control(self._handler, self._user, reader, writer, self._peer)
         channel = cast(asyncssh.SSHServerChannel[bytes], writer.channel)
         with contextlib.suppress(OSError):  # the client may already be gone
             channel.exit(status)
+
+
+async def _serve_control(
+    handler: SessionHandler,
+    user: UserConfig,
+    reader: asyncssh.SSHReader[bytes],
+    writer: asyncssh.SSHWriter[bytes],
+    peer: tuple[str, int],
+) -> int:
+    """Run the session handler on one control stream; its status, or 255 / 1 on failure."""
+    try:
+        return await handler(user, reader, writer, peer)
+    except (BrokenPipeError, ConnectionError, asyncssh.DisconnectError) as exc:
+        # The client vanished mid-session: expected on a network, not a server bug.
+        log.info("user %r from %s went away: %s", user.name, _fmt(peer), exc)
+        return 255
+    except Exception:
+        # The handler owns error reporting to the client; anything else escaping it is
+        # a bug, so log it and end this channel only, never the whole server.
+        log.exception("session handler failed for user %r", user.name)
+        return 1
 
 
 def _fmt(peer: tuple[str, int]) -> str:

@@ -45,6 +45,10 @@ from slipstream.errors import (
 log = logging.getLogger("slipstream.transport.ssh")
 
 SUBSYSTEM = "slipstream"
+# The control stream as a channel of its own: a direct-tcpip open naming this pseudo
+# destination (never forwarded anywhere) is one round trip, where a session channel plus a
+# subsystem request is two. Older servers refuse it; the client then opens the subsystem.
+CONTROL_DESTINATION = ("slipstream-control", 1)
 KNOWN_HOSTS_ENV = "SLIPSTREAM_KNOWN_HOSTS"
 # The control channel idles while the data flows over UDP; keepalives stop NAT boxes and
 # firewalls from forgetting the TCP connection during a long transfer.
@@ -61,7 +65,8 @@ def default_known_hosts_path() -> Path:
 
 
 class ControlChannel:
-    """An open ``slipstream`` subsystem channel: binary ``reader`` and ``writer``."""
+    """An open control stream (direct channel or ``slipstream`` subsystem): binary ``reader``
+    and ``writer``."""
 
     def __init__(
         self,
@@ -79,9 +84,10 @@ class ControlChannel:
 
     @property
     def exit_status(self) -> int | None:
-        """The server handler's return value, once the server has closed the channel."""
-        channel = cast(asyncssh.SSHClientChannel[bytes], self.writer.channel)
-        return channel.get_exit_status()
+        """The server handler's return value, once the server has closed the channel; None
+        on the direct control channel, which carries no status."""
+        get_status = getattr(self.writer.channel, "get_exit_status", None)
+        return get_status() if get_status is not None else None
 
     async def close(self) -> None:
         self.writer.channel.close()
@@ -119,6 +125,7 @@ async def open_control_channel(
     )
     key_args = _client_key_args(client_keys, passphrase)
     where = _host_port(host, port)
+    methods = _auth_order(bool(key_args.get("client_keys")), password is not None)
     try:
         conn = await asyncssh.connect(
             host,
@@ -126,7 +133,8 @@ async def open_control_channel(
             username=user,
             password=password,
             known_hosts=([], [], []),  # empty: every key goes through _Client's check
-            client_factory=lambda: _Client(trust),
+            client_factory=lambda: _Client(trust, methods),
+            preferred_auth=methods or (),
             connect_timeout=connect_timeout,
             config=None,
             gss_auth=False,
@@ -141,7 +149,37 @@ async def open_control_channel(
     except (OSError, asyncssh.Error, asyncssh.KeyImportError) as exc:
         raise _map_connect_error(exc, host, port, connect_timeout, trust) from None
     trust.commit()
-    return await _open_subsystem(conn, where, trust.fingerprint, connect_timeout)
+    return await _open_control(conn, where, trust.fingerprint, connect_timeout)
+
+
+def _auth_order(has_keys: bool, has_password: bool) -> tuple[str, ...]:
+    """Methods to try, best first: a password goes as ``password`` (one round trip), not
+    as ``keyboard-interactive`` (two), and nothing is spent on a ``none`` probe."""
+    keys = ("publickey",) if has_keys else ()
+    secrets = ("password", "keyboard-interactive") if has_password else ()
+    return keys + secrets
+
+
+async def _open_control(
+    conn: asyncssh.SSHClientConnection, where: str, fp: str, timeout: float
+) -> ControlChannel:
+    """The control stream: the one-round-trip channel, else the ``slipstream`` subsystem."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            conn.open_connection(*CONTROL_DESTINATION, encoding=None), timeout
+        )
+    except asyncssh.ChannelOpenError:
+        return await _open_subsystem(conn, where, fp, timeout)
+    except (OSError, asyncssh.Error) as exc:  # TimeoutError is an OSError
+        conn.close()
+        reason = str(exc) or type(exc).__name__
+        raise ConnectError(
+            f"SSH connection to {where} failed opening the channel: {reason}"
+        ) from None
+    except BaseException:  # cancelled: do not leak the connection
+        conn.close()
+        raise
+    return ControlChannel(conn, reader, writer, fp)
 
 
 async def _open_subsystem(
@@ -305,8 +343,16 @@ class _HostTrust:
 
 
 class _Client(asyncssh.SSHClient):
-    def __init__(self, trust: _HostTrust) -> None:
+    def __init__(self, trust: _HostTrust, methods: tuple[str, ...]) -> None:
         self._trust = trust
+        self._methods = [m.encode() for m in methods]
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        # asyncssh opens with a ``none`` request only to learn the server's methods: a
+        # round trip we skip by trying ours at once (a refusal still lists the server's
+        # methods, so nothing is lost). A private attribute: left alone if it changes.
+        if self._methods and getattr(conn, "_auth_methods", None) == [b"none"]:
+            conn._auth_methods = list(self._methods)  # type: ignore[attr-defined]
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
