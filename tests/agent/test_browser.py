@@ -141,6 +141,32 @@ def test_upload_and_download_are_byte_identical(
     assert done["files"][0]["file"] == str(landed)
 
 
+def test_file_fields_reach_the_page(
+    open_page: Any, agent: AgentHandle, qs_server: ServerHandle
+) -> None:
+    """overwrite "none" skips (and says so), file_checksum is reported per file."""
+    page = open_page("app-fields")
+    original = agent.picks / "fields.bin"
+    original.write_bytes(os.urandom(100_000))
+    assert str(original) in pick_files(page)
+    spec = server_spec(
+        qs_server,
+        "send",
+        paths=[{"source": str(original)}],
+        destination_root="/fields",
+        create_dir=True,
+        file_checksum="sha256",
+    )
+    first = wait_status(page, start(page, spec), "completed")
+    digest = hashlib.sha256(original.read_bytes()).hexdigest()
+    assert first["files"][0]["checksum"] == digest, first["files"]
+    landed = qs_server.docroot / "fields" / "fields.bin"
+    original.write_bytes(os.urandom(100_000))  # changed: "none" must still keep the server's
+    again = wait_status(page, start(page, {**spec, "overwrite": "none"}), "completed")
+    assert hashlib.sha256(landed.read_bytes()).hexdigest() == digest
+    assert again["file_counts"]["skipped"] == 1 and again["files"][0]["status"] == "skipped"
+
+
 def slow_upload(
     page: Any, agent: AgentHandle, server: ServerHandle, name: str, **extra: Any
 ) -> str:

@@ -26,8 +26,9 @@ from slipstream.agent.files import FileService
 from slipstream.agent.manager import TransferManager
 from slipstream.agent.record import TransferRecord
 from slipstream.agent.windows import Windows
+from slipstream.engine.semantics import check_file_semantics
 from slipstream.errors import ConnectError, SlipstreamError, UsageError
-from slipstream.spec import ConnectSpec, load_model, load_transfer_spec
+from slipstream.spec import ConnectSpec, TransferSpec, load_model, load_transfer_spec
 
 log = logging.getLogger("slipstream.agent")
 
@@ -223,12 +224,13 @@ class ConnectApi:
     ) -> tuple[dict[str, Any], dict[str, Any], str, list[str] | None]:
         if not isinstance(entry, dict) or not isinstance(entry.get("transfer_spec"), dict):
             raise UsageError("each element of transfer_specs needs a transfer_spec object")
-        spec = load_transfer_spec(entry["transfer_spec"])
+        spec = load_transfer_spec(_connect_values(entry["transfer_spec"]))
         raw_settings = entry.get("aspera_connect_settings") or {}
         connect = load_model(ConnectSpec, raw_settings)
         settings = {**connect.to_json_dict(), **raw_settings, "app_id": app_id}
         if not spec.remote_host or not spec.paths:
             raise UsageError("transfer_spec needs remote_host and paths")
+        _check_fields(spec, connect)
         body, explorer, sources = prepare_spec(self.consent, app_id, spec, connect)
         return body, settings, explorer, sources
 
@@ -349,6 +351,32 @@ def _start_output(record: TransferRecord) -> dict[str, Any]:
         "uuid": record.uuid,
         "tags": spec["tags"],
     }
+
+
+def _connect_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """Connect's spellings the shared spec model does not know: the SDK's TypeScript types
+    declare ``content_protection`` a boolean, meaning "encrypt" for an upload and "decrypt"
+    for a download."""
+    value = raw.get("content_protection")
+    if not isinstance(value, bool):
+        return raw
+    spec = {k: v for k, v in raw.items() if k != "content_protection"}
+    if value:
+        upload = str(raw.get("direction", "")).strip().lower() == "send"
+        spec["content_protection"] = "encrypt" if upload else "decrypt"
+    return spec
+
+
+def _check_fields(spec: TransferSpec, connect: ConnectSpec) -> None:
+    """What the engine would refuse only once running, refused now: the page gets a
+    Connect error object (400) instead of a transfer that fails."""
+    check_file_semantics(spec, client=False)
+    asks = connect.allow_dialogs  # else the agent asks the user when the transfer starts
+    if spec.content_protection and not spec.content_protection_passphrase and not asks:
+        raise UsageError(
+            f"content_protection {spec.content_protection!r} needs "
+            "content_protection_passphrase (allow_dialogs is false: the agent cannot ask)"
+        )
 
 
 def _plain_error(reason: str, status: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Agent:
         self.windows = Windows(config)
         self.manager = TransferManager(config, self.store)
         self.manager.password_prompt = self._ask_password
+        self.manager.passphrase_prompt = self._ask_passphrase
         self.api = ConnectApi(config, self.manager, self.consent, self.dialogs, self.windows)
         self.activity = ActivityPage(self.manager)
         self._runner: web.AppRunner | None = None
@@ -86,6 +87,14 @@ class Agent:
             f"Password for {spec.get('remote_user') or 'the transfer user'} "
             f"on {spec.get('remote_host')}:"
         )
+        return await self._ask_secret(prompt)
+
+    async def _ask_passphrase(self, record: TransferRecord) -> str | None:
+        mode = record.spec.get("content_protection")
+        what = "encrypt the files sent to" if mode == "encrypt" else "decrypt the files from"
+        return await self._ask_secret(f"Passphrase to {what} {record.spec.get('remote_host')}:")
+
+    async def _ask_secret(self, prompt: str) -> str | None:
         answer = await self.dialogs.ask(
             {"kind": "password", "title": "Slipstream", "prompt": prompt}
         )

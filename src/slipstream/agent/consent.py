@@ -119,17 +119,45 @@ class Consent:
         target.parent.mkdir(parents=True, exist_ok=True)
         return str(target)
 
+    def upload_archive(self, app_id: str, spec: TransferSpec, sources: list[str]) -> str:
+        """Where ``move_after_transfer`` moves an upload's sources: a folder the page may
+        write to. A relative one is taken from the source root (or the first source's
+        folder), never from the agent's own working folder."""
+        given = os.path.expanduser(spec.move_after_transfer or "")
+        base = spec.source_root or (os.path.dirname(sources[0]) if sources else "")
+        target = real(given if os.path.isabs(given) else os.path.join(base, given))
+        if not os.path.isabs(target) or not self.may_write(app_id, target):
+            raise UnauthorizedPath(
+                f"move_after_transfer {spec.move_after_transfer!r} is not a folder the user "
+                "chose: pick it (or a folder holding it) in a folder dialog first",
+            )
+        return target
+
+    def check_mirror(self, app_id: str, target: str, connect: ConnectSpec) -> None:
+        """``delete_before_transfer`` deletes local files: never across the whole download
+        folder (or a trusted one), only below it or in a folder the user picked."""
+        roots = {real(self._config.download_dir), *self._trusted()}
+        if not connect.use_absolute_destination_path and real(target) in roots:
+            raise UnauthorizedPath(
+                "delete_before_transfer would delete files in the download folder itself: "
+                "give a destination_root below it, or a folder the user picked",
+            )
+
 
 def prepare_spec(
     consent: Consent, app_id: str, spec: TransferSpec, connect: ConnectSpec
 ) -> tuple[dict[str, Any], str, list[str]]:
-    """The spec the engine runs (download destinations made absolute), the explorer path,
-    and an upload's local sources."""
+    """The spec the engine runs (local paths made absolute), the explorer path, and an
+    upload's local sources. Raises before anything is queued."""
     body = spec.to_json_dict()
     if spec.direction == "send":
         sources = consent.upload_sources(app_id, spec)
+        if spec.move_after_transfer:
+            body["move_after_transfer"] = consent.upload_archive(app_id, spec, sources)
         return body, sources[0] if sources else "", sources
     target = consent.download_target(app_id, spec, connect)
+    if spec.delete_before_transfer:
+        consent.check_mirror(app_id, target, connect)
     body["destination_root"] = target
     return body, target, []
 

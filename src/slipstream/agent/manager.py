@@ -25,12 +25,13 @@ from slipstream.agent.config import AgentConfig
 from slipstream.agent.consent import scan_size
 from slipstream.agent.errors import InvalidState, TransferNotFound
 from slipstream.agent.rates import plan_modify
-from slipstream.agent.record import ACTIVE, FINISHED, WAITING, TransferRecord
+from slipstream.agent.record import ACTIVE, FINISHED, WAITING, TransferRecord, split_secrets
 from slipstream.agent.runner import TransferThread
 from slipstream.agent.store import AgentStore
 from slipstream.engine.job import ClientOptions, TransferResult
-from slipstream.errors import SlipstreamError
+from slipstream.errors import SlipstreamError, UsageError
 from slipstream.spec import TRANSFER_STATUS as ST
+from slipstream.spec import load_transfer_spec
 
 log = logging.getLogger("slipstream.agent")
 
@@ -43,6 +44,9 @@ RESUME_FIELDS = (
     "content_protection_passphrase",
 )
 PasswordPrompt = Callable[[TransferRecord], Awaitable[str | None]]
+# Once a transfer can no longer run, its credentials are dropped (failed and cancelled ones
+# keep them: the page or the activity window may resume them).
+FORGET_SECRETS = {ST.COMPLETED, ST.REMOVED}
 
 
 class TransferManager:
@@ -51,6 +55,7 @@ class TransferManager:
         self.store = store
         self.records: dict[str, TransferRecord] = {}
         self.password_prompt: PasswordPrompt | None = None
+        self.passphrase_prompt: PasswordPrompt | None = None
         self._runs: dict[str, _Run] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._queue: deque[str] = deque()
@@ -61,12 +66,18 @@ class TransferManager:
 
     def open(self) -> None:
         """Load the history; queue again whatever was active when the agent stopped."""
+        legacy = False
         for row in self.store.load_all():
             record = TransferRecord.from_row(row)
             self.records[record.uuid] = record
+            if split_secrets(row.get("spec") or {})[1]:  # written in clear by an old agent
+                self.store.save(record.to_row())
+                legacy = True
             if record.status in ACTIVE | WAITING:
                 log.info("resuming interrupted transfer %s", record.uuid)
                 self._queue.append(record.uuid)
+        if legacy:
+            self.store.compact()  # no clear copy left in free pages or the log
         self._pump()
 
     async def close(self) -> None:
@@ -112,11 +123,13 @@ class TransferManager:
         explorer_path: str,
         scan: list[str] | None = None,
     ) -> TransferRecord:
+        public, hidden = split_secrets(spec)
         record = TransferRecord(
             uuid=str(uuidlib.uuid4()),
             app_id=app_id,
             seq=self.store.next_seq(),
-            spec=spec,
+            spec=public,
+            secrets=hidden,
             connect_settings=settings,
             explorer_path=explorer_path,
         )
@@ -139,7 +152,13 @@ class TransferManager:
     def resume(self, record: TransferRecord, changes: dict[str, Any]) -> None:
         if record.status in (ST.REMOVED, ST.COMPLETED):
             raise InvalidState(f"A {record.status} transfer cannot be resumed")
-        record.spec.update({k: v for k, v in changes.items() if k in RESUME_FIELDS})
+        given = {k: changes[k] for k in RESUME_FIELDS if changes.get(k) is not None}
+        if given:
+            # Checked like a new spec (a wrong type is a 400 now, not a failed run later).
+            checked = load_transfer_spec({**record.engine_spec(), **given}).to_json_dict()
+            public, hidden = split_secrets({k: checked[k] for k in given if k in checked})
+            record.spec.update(public)
+            record.secrets.update(hidden)
         if record.status in ACTIVE:
             self._save(record)
             return
@@ -216,7 +235,9 @@ class TransferManager:
             self._pump()
 
     async def _credentials(self, record: TransferRecord) -> dict[str, Any]:
-        spec = dict(record.spec)
+        """The engine's spec; what the page left out is asked for in a dialog (as Connect
+        does), used for this attempt only: a wrong answer is asked again on resume."""
+        spec = record.engine_spec()
         needs = spec.get("authentication") != "token" and not any(
             spec.get(k) for k in ("remote_password", "ssh_private_key", "ssh_private_key_path")
         )
@@ -225,6 +246,15 @@ class TransferManager:
             password = await self.password_prompt(record)
             if password:
                 spec["remote_password"] = password
+        if spec.get("content_protection") and not spec.get("content_protection_passphrase"):
+            asked = self.passphrase_prompt if allowed else None
+            passphrase = await asked(record) if asked is not None else None
+            if not passphrase:
+                raise UsageError(
+                    f"content_protection {spec['content_protection']!r} needs "
+                    "content_protection_passphrase, and none was given"
+                )
+            spec["content_protection_passphrase"] = passphrase
         return spec
 
     def _halt(self, record: TransferRecord) -> None:
@@ -296,6 +326,8 @@ class TransferManager:
 
     def _set(self, record: TransferRecord, status: str) -> None:
         record.set_status(status)
+        if status in FORGET_SECRETS:
+            record.secrets.clear()
         self._save(record)
 
     def _save(self, record: TransferRecord) -> None:

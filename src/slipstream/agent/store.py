@@ -1,9 +1,10 @@
 """The agent's SQLite history: every transfer, the iteration token, and the user's picks.
 
 One connection, used only from the agent's event loop. Each transfer is one row holding
-its state as JSON (it may carry the page's password or token, so the file is private to
-the user). The iteration token is a counter in ``meta``; it only grows, across restarts,
-as the Connect documentation promises.
+its state as JSON; its secrets (the page's password, token, passphrase) are never written in
+clear, only sealed by :mod:`vault` (the file is private to the user all the same). The
+iteration token is a counter in ``meta``; it only grows, across restarts, as the Connect
+documentation promises.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from slipstream.agent.vault import Vault
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -44,6 +47,9 @@ class AgentStore:
             os.chmod(path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Deleted and overwritten content is zeroed, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._vault = Vault(path.with_name(path.stem + ".key"))
         self._db.executescript(_SCHEMA)
         self._token = self._meta("iteration_token")
         self._seq = self._meta("seq")
@@ -81,6 +87,9 @@ class AgentStore:
     # --- transfers -------------------------------------------------------------------
 
     def save(self, data: dict[str, Any]) -> None:
+        """Store one transfer; its ``secrets`` are sealed, never written in clear."""
+        data = dict(data)
+        data["sealed"] = self._vault.seal(data["uuid"], data.pop("secrets", None) or {})
         self._db.execute(
             "INSERT INTO transfers (uuid, app_id, seq, token, status, data) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
@@ -96,8 +105,17 @@ class AgentStore:
         )
 
     def load_all(self) -> Iterator[dict[str, Any]]:
-        for (text,) in self._db.execute("SELECT data FROM transfers ORDER BY seq"):
-            yield json.loads(text)
+        rows = self._db.execute("SELECT data FROM transfers ORDER BY seq").fetchall()
+        for (text,) in rows:
+            data = json.loads(text)
+            data["secrets"] = self._vault.unseal(data["uuid"], data.pop("sealed", None))
+            yield data
+
+    def compact(self) -> None:
+        """Rewrite the file and empty the write-ahead log (after clear secrets were removed)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- paths the user picked or dropped, per app_id ------------------------------------
 
