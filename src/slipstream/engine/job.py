@@ -182,11 +182,12 @@ def _wire_spec(spec: TransferSpec) -> dict[str, Any]:
 
 
 async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> TransferResult:
-    from slipstream.engine.fallback import FallbackTarget, plan_fallback
-
+    # The HTTPS fallback (and aiohttp, ~0.17 s to import) loads only when it is used.
     host, user = _require_endpoint(spec)
     password = spec.remote_password or options.password
     if spec.http_fallback == "force":
+        from slipstream.engine.fallback import plan_fallback
+
         return await _run_http(spec, options, emit, plan_fallback(spec, password, None), "forced")
     keys = list(options.key_files)
     if spec.authentication == "token":
@@ -207,7 +208,7 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
         sshfp=spec.sshfp,
         accept_new_host=options.accept_new_host,
     )
-    fallback: FallbackTarget | None = None
+    fallback: Any = None  # an engine.fallback.FallbackTarget once UDP turns out blocked
     try:
         ctl = ControlStream(channel.reader, channel.writer)
         await ctl.send(
@@ -240,6 +241,8 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
         except UdpBlocked as exc:
             if not spec.http_fallback:
                 raise
+            from slipstream.engine.fallback import plan_fallback
+
             fallback, reason = plan_fallback(spec, password, accept), exc.user_message
     finally:
         with contextlib.suppress(Exception):
@@ -264,10 +267,13 @@ async def _run_http(
         _wire_spec(spec),
         target,
         emit,
-        sources=lambda: _local_sources(spec, cwd, options.docroot),
+        # The UDP sender's selection (filters, time windows, links), not the raw listing.
+        sources=lambda: _selected_sources(spec, cwd, options.docroot),
         destination=lambda: destination_for_spec(
             spec, base_dir=cwd, docroot=options.docroot, default_root="."
         ),
+        base_dir=cwd,
+        docroot=options.docroot,
         progress_interval=options.progress_interval,
     )
     result = TransferResult(spec.direction, totals, transport="http")

@@ -18,6 +18,7 @@ from slipstream.errors import AuthenticationError, PermissionDenied, SlipstreamE
 from slipstream.server.config import ServerConfig, UserConfig
 from slipstream.server.hooks import SessionHooks
 from slipstream.server.ops import OpsStore, Tracked
+from slipstream.server.rate_policy import AggregateBudget
 from slipstream.server.tls import (
     cert_fingerprint,
     load_or_create_certificate,
@@ -80,6 +81,8 @@ class ServerServices:
         self.tls = tls
         self.authenticator = TokenAuthenticator(config, codec)
         self.hooks = ServiceHooks(self)
+        # The aggregate bandwidth cap: one budget split over UDP and HTTPS sessions alike.
+        self.budget = AggregateBudget(config.aggregate_rate_kbps)
         # Filled in by start_server once the ports are bound (port 0 = any free port).
         self.ports: dict[str, int] = {}
         self.sshfp = ""

@@ -104,15 +104,7 @@ class SessionManager:
         return load_transfer_spec(msg["spec"]), msg
 
     def _check_rights(self, user: UserConfig, spec: TransferSpec) -> None:
-        if spec.direction == "send" and not user.write:
-            raise PermissionDenied(f"User {user.name} may not upload")
-        if spec.direction == "receive" and not user.read:
-            raise PermissionDenied(f"User {user.name} may not download")
-        check_file_semantics(spec, client=False)
-        if spec.direction == "receive" and not user.write and changes_sources(spec):
-            raise PermissionDenied(
-                f"User {user.name} may not remove or move files (remove/move_after_transfer)"
-            )
+        check_session_rights(user, spec)
 
     async def _run(
         self,
@@ -187,9 +179,7 @@ class SessionManager:
             self.dispatcher.unregister(params.session_id)
 
     def _may_overwrite(self, user: UserConfig) -> bool:
-        """The per-user ``overwrite`` setting, else the server's (both default to allow)."""
-        own = getattr(user, "overwrite", None)
-        return bool(own if own is not None else getattr(self.config, "overwrite", True))
+        return may_overwrite(self.config, user)
 
     def _file_logger(
         self, user: UserConfig, peer: tuple[str, int], way: str, tracked: Any = None
@@ -210,6 +200,25 @@ class SessionManager:
                 )
 
         return emit
+
+
+def check_session_rights(user: UserConfig, spec: TransferSpec) -> None:
+    """The user's rights and the spec's file semantics, before a session (any transport)."""
+    if spec.direction == "send" and not user.write:
+        raise PermissionDenied(f"User {user.name} may not upload")
+    if spec.direction == "receive" and not user.read:
+        raise PermissionDenied(f"User {user.name} may not download")
+    check_file_semantics(spec, client=False)
+    if spec.direction == "receive" and not user.write and changes_sources(spec):
+        raise PermissionDenied(
+            f"User {user.name} may not remove or move files (remove/move_after_transfer)"
+        )
+
+
+def may_overwrite(config: ServerConfig, user: UserConfig) -> bool:
+    """The per-user ``overwrite`` setting, else the server's (both default to allow)."""
+    own = getattr(user, "overwrite", None)
+    return bool(own if own is not None else getattr(config, "overwrite", True))
 
 
 def _session_params(

@@ -3,30 +3,37 @@
 Used when UDP cannot pass (a firewall), or always with ``http_fallback: "force"``. The
 protocol is in docs/protocol.md ("HTTPS fallback"); in short, under ``/slipstream/v1``:
 
-=========================  ==================================================================
-``POST /sessions``         spec + ``Authorization`` (Bearer token/ticket, or Basic) -> session
-``POST /dirs``             upload: create a folder
-``POST /files``            upload: announce a file -> ``skip`` or ``send`` from ``offset``
-``PUT /files/{id}``        upload: bytes, ``Content-Range: bytes a-b/size``, ``a`` <= received
-``GET /files/{id}/status`` upload: ``received`` (where to resume after a dropped request)
-``POST /files/{id}/commit`` upload: digest; the server checks it, then renames
-``GET /files/{id}``        download: bytes, ``Range: bytes=a-`` to resume
-``GET /files/{id}/digest`` download: the server's digest of the whole file
-``POST /files/{id}/done``  download: the client's result, for the server's records
-``POST /close``            end of the session, with the client's totals
-``GET /ping``              unauthenticated liveness check (``slipstream doctor``)
-=========================  ==================================================================
+============================  ===============================================================
+``POST /sessions``            spec + ``Authorization`` (Bearer token/ticket, or Basic)
+``POST /dirs``                upload: create a folder
+``POST /links``               upload: create a symbolic link (``symlink_policy`` copy)
+``POST /files``               upload: announce a file -> ``skip``, ``send`` from ``offset``,
+                              or ``compare`` (checksums of byte ranges, then announce again)
+``PUT /files/{id}``           upload: bytes, ``Content-Range: bytes a-b/size``
+``GET /files/{id}/status``    upload: ``received`` (where to resume after a dropped request)
+``POST /files/{id}/commit``   upload: digest and checksum; the server checks, then renames
+``GET /files/{id}``           download: bytes, ``Range: bytes=a-`` to resume
+``GET /files/{id}/digest``    download: the server's digest (and ``file_checksum``)
+``POST /files/{id}/sums``     download: checksums of byte ranges (overwrite ``diff``, resume)
+``POST /files/{id}/done``     download: the client's result (records, source removal)
+``POST /close``               end of the session, with the client's totals
+``GET /ping``                 unauthenticated liveness check (``slipstream doctor``)
+============================  ===============================================================
 
 Every request after ``POST /sessions`` carries the session id in ``X-Slipstream-Session``
 (a header, not the URL, so it stays out of access logs). The server's certificate is
 pinned by fingerprint when one is known (from the SSH channel's ACCEPT, or the spec's
 ``https_fallback_fingerprint``), otherwise checked against the system's CAs.
+
+Both ends pace their bytes with a :class:`Pacer` (the spec's ``target_rate_kbps``, clamped by
+the server's per-user and aggregate caps): TCP alone would take the whole path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -50,10 +57,59 @@ CHUNK_BYTES = 4 * 1024 * 1024  # per PUT: a dropped connection costs at most thi
 RETRIES = 5
 RETRY_BASE_DELAY = 0.25
 REQUEST_TIMEOUT = 120.0
+# The file semantics the server honours (docs/files.md). A server answering another value
+# (or none) would silently ignore some of them: the client refuses it instead.
+SEMANTICS_VERSION = 2
+PACED_CHUNK_MIN = 64 * 1024
 
 
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class Pacer:
+    """A token bucket in bytes: ``rate_kbps`` on average, at most ``BURST_SECONDS`` ahead.
+
+    ``take`` lets a sender go into debt by one chunk, then sleeps until the debt is paid, so a
+    chunk of any size is paced without splitting it. No rate (None or 0): no pacing.
+
+    Both ends pace the same bytes (the server enforces its caps whatever the client does).
+    A burst of about one chunk (:meth:`chunk_size`) lets the tokens one end saves while the
+    other end holds a chunk back count, so two pacers in a row still move ``rate_kbps``,
+    not half of it. The bucket starts empty: a session never opens with a burst.
+    """
+
+    BURST_SECONDS = 1.0
+
+    def __init__(self, rate_kbps: int | None = None) -> None:
+        self._bytes_per_s = 0.0
+        self._tokens = 0.0
+        self._last = time.monotonic()
+        self.set_rate(rate_kbps)
+
+    def set_rate(self, rate_kbps: int | None) -> None:
+        self._refill()
+        self._bytes_per_s = (rate_kbps or 0) * 1000 / 8
+
+    def chunk_size(self, ceiling: int) -> int:
+        """A request size that takes about a second at this rate (``ceiling`` unpaced)."""
+        if not self._bytes_per_s:
+            return ceiling
+        return max(PACED_CHUNK_MIN, min(ceiling, int(self._bytes_per_s)))
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        burst = self._bytes_per_s * self.BURST_SECONDS
+        self._tokens = min(burst, self._tokens + (now - self._last) * self._bytes_per_s)
+        self._last = now
+
+    async def take(self, count: int) -> None:
+        if not self._bytes_per_s:
+            return
+        self._refill()
+        self._tokens -= count
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self._bytes_per_s)
 
 
 class FallbackClient:
@@ -134,7 +190,11 @@ class FallbackClient:
             raise _network_error(exc, self.where) from None
 
     async def download(
-        self, file_id: int, offset: int, write: Callable[[bytes], Awaitable[None]]
+        self,
+        file_id: int,
+        offset: int,
+        write: Callable[[bytes], Awaitable[None]],
+        chunk_size: int = 1024 * 1024,
     ) -> None:
         """Stream a file from ``offset`` into ``write``. Raises NetworkError if cut."""
         http = self._session()
@@ -147,7 +207,7 @@ class FallbackClient:
                     await _json_or_error(response)
                 if offset and response.status != 206:
                     raise ProtocolError("The fallback server ignored the resume range")
-                async for chunk in response.content.iter_chunked(1024 * 1024):
+                async for chunk in response.content.iter_chunked(chunk_size):
                     await write(chunk)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _network_error(exc, self.where) from None
