@@ -250,3 +250,25 @@ def test_control_socket_round_trip(tmp_path: Path) -> None:
             await asyncio.to_thread(request, path, {"op": "status"})
 
     asyncio.run(scenario())
+
+
+def test_one_aggregate_budget_for_udp_and_https_sessions(tmp_path: Path) -> None:
+    """A UDP session and an HTTPS fallback session split the server's one cap."""
+    from slipstream.server.fallback import FallbackServer
+    from slipstream.server.services import ServerServices
+    from slipstream.server.session import SessionManager
+
+    config = load_server_config(_config(tmp_path, "aggregate_rate_kbps = 100000", ""))
+    services = ServerServices.create(config)
+    try:
+        udp = SessionManager(config, dispatcher=None, budget=services.budget)  # type: ignore[arg-type]
+        https = FallbackServer(services)
+        shares: list[int | None] = []
+        handle = udp.budget.join(shares.append)
+        assert https.budget.share_kbps(extra=1) == 50_000  # the UDP session holds half
+        https.budget.join(shares.append)
+        assert shares[-1] == 50_000
+        udp.budget.leave(handle)
+        assert https.budget.share_kbps() == 100_000
+    finally:
+        services.close()

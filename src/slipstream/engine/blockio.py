@@ -155,10 +155,13 @@ class FileBlockSource:
         except OSError as exc:
             raise os_error_to_slipstream(exc, path, "read") from exc
 
-    def register(self, slot: FileSlot, path: Path) -> None:
-        """Make a file's blocks readable; a zero-block file is hashed at once."""
-        source = _SourceFile(slot, path)
-        if slot.offset:
+    def register(self, slot: FileSlot, path: Path, hash_from: int = 0) -> None:
+        """Make a file's blocks readable; a zero-block file is hashed at once.
+
+        ``hash_from``: where the bytes to digest begin (a split file's range sends and
+        digests ``[hash_from, slot.size)``)."""
+        source = _SourceFile(slot, path, hashed_upto=hash_from)
+        if slot.offset != hash_from:
             source.hasher = None  # resumed: the receiver hashes the whole file itself
         self._files[slot.file_id] = source
         self._index.add(slot)

@@ -5,6 +5,9 @@ digest of the whole received file matched the sender's. Everything else a receiv
 need (decryption, timestamps, saving the old version, the checksum the user asked for)
 happens on the way, in :func:`finish_file`, which is plain blocking code so the driver can run
 it inline for small files and in a thread for big ones.
+
+One range of a split file (multi_session_threshold) is finished by :func:`finish_piece`: it
+verifies the range alone, and only the range that completes the file renames it.
 """
 
 from __future__ import annotations
@@ -15,11 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.engine.blockio import FileSlot
-from slipstream.engine.digests import FileDigests, checksum_algorithm, digest_path
+from slipstream.engine.digests import (
+    FileDigests,
+    checksum_algorithm,
+    digest_path,
+    digest_reader,
+    path_reader,
+)
 from slipstream.engine.disposition import backup_name
 from slipstream.engine.envelope import DEFAULT_EXTENSION, Keyring, decrypt_fd
+from slipstream.engine.multisession import session_job
 from slipstream.engine.paths import resolve_in_docroot
-from slipstream.engine.resume import CheckpointWriter, remove_checkpoint
+from slipstream.engine.resume import (
+    CheckpointWriter,
+    FileIdentity,
+    RangeRecord,
+    checkpoint_path,
+    remove_checkpoint,
+    remove_split_sidecars,
+)
 from slipstream.engine.selection import FilterRules
 from slipstream.errors import (
     ChecksumMismatch,
@@ -53,6 +70,7 @@ class ReceiveOptions:
     filters: FilterRules = field(default_factory=lambda: FilterRules([]))
     symlink_policy: str = "follow"
     link_root: Path | None = None  # links must point inside (the docroot on a server)
+    job: str = ""  # multi_session: the job's id, shared by its sessions (split files)
 
     @classmethod
     def from_spec(
@@ -77,6 +95,7 @@ class ReceiveOptions:
             filters=FilterRules.from_spec(spec),
             symlink_policy=spec.symlink_policy or "follow",
             link_root=link_root,
+            job=session_job(spec) or "",
         )
 
 
@@ -101,16 +120,31 @@ class IncomingFile:
     blocks_done: bool = False
     finishing: bool = False
     plain_size: int | None = None  # an envelope's plaintext size, once its header is open
+    piece: tuple[int, int] | None = None  # a split file's range: (offset, length)
 
     @property
     def decrypt(self) -> bool:
         return self.env_header is not None
+
+    @property
+    def start(self) -> int:
+        """The first byte that travels in this session (0, or a split file's range)."""
+        return self.piece[0] if self.piece is not None else 0
+
+    @property
+    def end(self) -> int:
+        return self.piece[0] + self.piece[1] if self.piece is not None else self.size
+
+    def range_record(self, job: str) -> RangeRecord:
+        return RangeRecord(self.partial, job, FileIdentity(self.size, self.mtime_ns))
 
 
 @dataclass(frozen=True)
 class FinishResult:
     digests: FileDigests
     backup: Path | None = None
+    whole: bool = True  # False: a range of a split file, verified; another range renames
+    ranges: tuple[tuple[int, int, str], ...] = ()  # a split file's ranges, when whole
 
 
 def finish_file(incoming: IncomingFile, options: ReceiveOptions) -> FinishResult:
@@ -121,13 +155,7 @@ def finish_file(incoming: IncomingFile, options: ReceiveOptions) -> FinishResult
     if incoming.decrypt:
         ready = _decrypt(incoming, options)
     try:
-        _apply_times(ready, incoming, options)
-        if not options.allow_overwrite and os.path.lexists(incoming.final):
-            raise DestinationExists(
-                f"{incoming.dest_rel}: exists, and this server does not allow overwriting"
-            )
-        backup = _save_existing(incoming.final) if options.save_before_overwrite else None
-        os.replace(ready, incoming.final)
+        backup = _install(ready, incoming, options)
     except BaseException:
         if ready != incoming.partial:
             ready.unlink(missing_ok=True)
@@ -137,6 +165,57 @@ def finish_file(incoming: IncomingFile, options: ReceiveOptions) -> FinishResult
     if incoming.checkpoint is not None or incoming.offset:
         remove_checkpoint(incoming.partial)
     return FinishResult(digests, backup)
+
+
+def finish_piece(incoming: IncomingFile, options: ReceiveOptions) -> FinishResult:
+    """Verify one range of a split file and settle it in the file's range record. Blocking.
+
+    The range whose settling completes the file (exactly one, whatever the order) stamps,
+    renames and cleans up; the others leave the partial to it.
+    """
+    start, length = incoming.start, incoming.end - incoming.start
+    fd = os.open(incoming.partial, os.O_RDONLY)
+    try:
+        read = path_reader(fd)
+        digests = digest_reader(lambda offset, n: read(start + offset, n), length, None)
+    finally:
+        os.close(fd)
+    _verify(incoming, digests)
+    settled = incoming.range_record(options.job).settle(start, length, digests.digest)
+    if not settled.last:
+        return FinishResult(digests, whole=False)
+    backup = _install(incoming.partial, incoming, options)
+    remove_split_sidecars(incoming.partial)
+    remove_checkpoint(incoming.partial)  # an unsplit earlier run's, if any
+    return FinishResult(digests, backup, ranges=settled.ranges)
+
+
+def size_shared_partial(partial: Path, size: int) -> None:
+    """Create a split file's partial, or bring it to the whole file's size.
+
+    Never truncated below ``size`` nor opened with O_TRUNC: other ranges, in other sessions
+    or processes, may be writing into it right now. Every range sizes it the same way, so
+    the order they come in does not matter; a stale partial keeps its bytes, and each range
+    is rewritten unless its own checkpoint vouches for it.
+    """
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _install(ready: Path, incoming: IncomingFile, options: ReceiveOptions) -> Path | None:
+    """Stamp the verified file and give it its final name; returns the saved old version."""
+    _apply_times(ready, incoming, options)
+    if not options.allow_overwrite and os.path.lexists(incoming.final):
+        raise DestinationExists(
+            f"{incoming.dest_rel}: exists, and this server does not allow overwriting"
+        )
+    backup = _save_existing(incoming.final) if options.save_before_overwrite else None
+    os.replace(ready, incoming.final)
+    return backup
 
 
 def _verify(incoming: IncomingFile, digests: FileDigests) -> None:
@@ -195,9 +274,16 @@ def _save_existing(final: Path) -> Path | None:
 
 
 def discard_partial(incoming: IncomingFile) -> None:
-    """Forget a partial whose content proved wrong, so the next run starts clean."""
+    """Forget a partial whose content proved wrong, so the next run starts clean.
+
+    A range of a split file forgets only its own checkpoint: the partial is shared with
+    the other ranges, and the range is sent whole next time.
+    """
     if incoming.checkpoint is not None:
         incoming.checkpoint.close()
+    if incoming.piece is not None:
+        checkpoint_path(incoming.partial, incoming.start).unlink(missing_ok=True)
+        return
     incoming.partial.unlink(missing_ok=True)
     incoming.partial.with_name(incoming.partial.name + DECRYPT_SUFFIX).unlink(missing_ok=True)
     remove_checkpoint(incoming.partial)

@@ -385,7 +385,8 @@ def _local_sources(
         source_root=spec.source_root,
         src_base=spec.src_base,
     )
-    return select_share(entries, spec)  # one of N multi_session shares, or everything
+    # One of N multi_session shares, or everything; HTTPS sends files whole (never split).
+    return select_share(entries, spec, split=False)
 
 
 def _selected_sources(spec: TransferSpec, cwd: Path, docroot: Path | None) -> Iterator[Any]:

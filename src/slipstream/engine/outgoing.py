@@ -276,14 +276,22 @@ class HashWorker:
             self._pool = None
 
 
-def plain_digest_job(path: Path, algorithm: str | None) -> Callable[[], FileDigests]:
+def plain_digest_job(
+    path: Path, algorithm: str | None, span: tuple[int, int] | None = None
+) -> Callable[[], FileDigests]:
+    """The whole file's digests, or (``span`` = (start, end)) a split file's range's."""
+
     def job() -> FileDigests:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise os_error_to_slipstream(exc, path, "read") from exc
         try:
-            return digest_reader(path_reader(fd), os.fstat(fd).st_size, algorithm)
+            if span is None:
+                return digest_reader(path_reader(fd), os.fstat(fd).st_size, algorithm)
+            start, end = span
+            read = path_reader(fd)
+            return digest_reader(lambda at, n: read(start + at, n), end - start, algorithm)
         finally:
             os.close(fd)
 

@@ -15,22 +15,33 @@ they return ``COMPARE`` with the byte ranges to compare, and the session asks th
 
 Trusting a prefix never replaces verification: the receiver renames a file only when the
 digest of the *whole* file matches the sender's, resumed or not.
+
+A file split over the sessions of a multi_session job (engine/multisession.py) is received as
+byte ranges into one shared partial. Each range keeps its own checkpoint,
+``NAME.partial.slipstream-ckpt.OFFSET`` (the good prefix of ``[OFFSET, end)``), and the ranges
+of a file meet in :class:`RangeRecord`, ``NAME.partial.ranges``: the verdict the first range
+took, which ranges are verified, and who renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar
 
 import xxhash
 
 from slipstream.errors import FileIOError
 
 CKPT_SUFFIX = ".slipstream-ckpt"
+RANGES_SUFFIX = ".ranges"
+RANGES_VERSION = 1
 CHECKPOINT_MIN_SIZE = 1 << 20  # smaller files are cheaper to re-send than to checkpoint
 RECORD_SIZE = 256  # the record is padded to this size and rewritten in place
 CHECKPOINT_VERSION = 1
@@ -43,6 +54,7 @@ SPARSE_SAMPLE_BYTES = 64 << 10
 MTIME_TOLERANCE_NS = 1_000_000_000
 
 ByteRange = tuple[int, int]  # (offset, length)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,10 @@ class FileIdentity:
 # --- the checkpoint sidecar ---------------------------------------------------------------
 
 
-def checkpoint_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + CKPT_SUFFIX)
+def checkpoint_path(partial: Path, piece_offset: int | None = None) -> Path:
+    """The sidecar of a whole file, or (``piece_offset``) of one range of a split file."""
+    suffix = CKPT_SUFFIX if piece_offset is None else f"{CKPT_SUFFIX}.{piece_offset}"
+    return partial.with_name(partial.name + suffix)
 
 
 @dataclass(frozen=True)
@@ -99,10 +113,10 @@ class CheckpointRecord:
         return record
 
 
-def read_checkpoint(partial: Path) -> CheckpointRecord | None:
+def read_checkpoint(partial: Path, piece_offset: int | None = None) -> CheckpointRecord | None:
     """The sidecar of ``partial`` if it is intact and the partial really holds its prefix."""
     try:
-        with open(checkpoint_path(partial), "rb") as handle:
+        with open(checkpoint_path(partial, piece_offset), "rb") as handle:
             record = CheckpointRecord.decode(handle.read(RECORD_SIZE * 2))
         partial_size = partial.stat().st_size
     except OSError:
@@ -116,6 +130,16 @@ def remove_checkpoint(partial: Path) -> None:
     checkpoint_path(partial).unlink(missing_ok=True)
 
 
+def remove_split_sidecars(partial: Path) -> None:
+    """Every range checkpoint of ``partial`` (whatever the layout was) and its range record."""
+    prefix = checkpoint_path(partial).name + "."
+    with contextlib.suppress(OSError):
+        for name in os.listdir(partial.parent):
+            if name.startswith(prefix) and name[len(prefix) :].isdigit():
+                (partial.parent / name).unlink(missing_ok=True)
+    ranges_path(partial).unlink(missing_ok=True)
+
+
 class CheckpointWriter:
     """Keeps one file's sidecar up to date while it is being received.
 
@@ -124,8 +148,10 @@ class CheckpointWriter:
     all a resume needs (a power failure is caught by the whole-file digest instead).
     """
 
-    def __init__(self, partial: Path, source: FileIdentity, good: int) -> None:
-        self.path = checkpoint_path(partial)
+    def __init__(
+        self, partial: Path, source: FileIdentity, good: int, piece_offset: int | None = None
+    ) -> None:
+        self.path = checkpoint_path(partial, piece_offset)
         self._source = source
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -240,16 +266,153 @@ class PartialDecision:
 
 
 def decide_partial(
-    resume: str, record: CheckpointRecord | None, src: FileIdentity
+    resume: str,
+    record: CheckpointRecord | None,
+    src: FileIdentity,
+    start: int = 0,
+    end: int | None = None,
 ) -> PartialDecision:
-    """Trust the checkpointed prefix of a partial file, or start over.
+    """Trust the checkpointed prefix of a partial file, or start over (offset ``start``).
 
     The record must describe a source of the same size. attributes also needs the same
     mtime; the checksum policies instead compare the content of the prefix (sampled or
-    whole) with the source, so a touched but unchanged source still resumes.
+    whole) with the source, so a touched but unchanged source still resumes. A range
+    ``[start, end)`` of a split file has its own record, whose prefix begins at ``start``.
     """
-    if resume == "none" or record is None or record.size != src.size or record.good <= 0:
-        return PartialDecision(0)
+    end = src.size if end is None else end
+    if resume == "none" or record is None or record.size != src.size:
+        return PartialDecision(start)
+    if not start < record.good <= end:
+        return PartialDecision(start)
     if resume == "attributes":
-        return PartialDecision(record.good if record.mtime_ns == src.mtime_ns else 0)
-    return PartialDecision(record.good, tuple(sample_ranges(record.good, resume)))
+        return PartialDecision(record.good if record.mtime_ns == src.mtime_ns else start)
+    samples = sample_ranges(record.good - start, resume)
+    return PartialDecision(record.good, tuple((start + o, n) for o, n in samples))
+
+
+# --- the range record of a split file --------------------------------------------------------
+
+
+def ranges_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + RANGES_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :meth:`RangeRecord.settle` tells the range that called it."""
+
+    last: bool  # this call completed the file: the caller renames it (exactly one does)
+    ranges: tuple[tuple[int, int, str], ...] = ()  # (offset, length, digest), when last
+
+
+class RangeRecord:
+    """``NAME.partial.ranges``: where the ranges of one split file meet.
+
+    A small JSON document, read and rewritten whole under ``flock`` by each range's receiver
+    (sessions of one server process, or the processes of a downloading client; flock locks
+    belong to the open file, so both cases exclude each other). It holds, for the job that
+    wrote it (``job``: every session of a job shares the id):
+
+    * ``verdict``: what the first range to decide chose, ``""`` (transfer) or the skip reason;
+      every later range of the job follows it, whatever it would have decided itself;
+    * ``settled``: ``[offset, length, digest]`` of each range verified (or skipped);
+    * ``last``: set by the range whose settling made them cover the file, the one that renames;
+    * ``failed``: a range of this job failed (the file is counted failed once).
+
+    A record of another job (an interrupted earlier run) is reset on first touch: a rerun
+    decides afresh, and its ranges resume from their checkpoints instead. Lock holders never
+    wait for anything but the small file, so taking the lock on an event loop is fine.
+    """
+
+    def __init__(self, partial: Path, job: str, source: FileIdentity) -> None:
+        self.path = ranges_path(partial)
+        self._job = job
+        self._source = source
+
+    def stamp(self, proposal: str) -> tuple[str, bool]:
+        """The verdict for the whole file, and whether it is ours (we decided first)."""
+
+        def change(state: dict[str, Any]) -> tuple[str, bool]:
+            if state["verdict"] is not None:
+                return str(state["verdict"]), False
+            state["verdict"] = proposal
+            return proposal, True
+
+        return self._transaction(change)
+
+    def settle(self, offset: int, length: int, digest: str) -> Settled:
+        """Record a verified (or skipped) range; ``last`` for the one that completes the file."""
+
+        def change(state: dict[str, Any]) -> Settled:
+            settled = [r for r in state["settled"] if r[0] != offset]
+            settled.append([offset, length, digest])
+            state["settled"] = sorted(settled)
+            if state["last"] or not _covers(state["settled"], self._source.size):
+                return Settled(False)
+            state["last"] = True
+            return Settled(True, tuple((int(o), int(n), str(d)) for o, n, d in state["settled"]))
+
+        return self._transaction(change)
+
+    def note_failure(self) -> bool:
+        """Record that a range failed; True for the first failure of this job."""
+
+        def change(state: dict[str, Any]) -> bool:
+            first = not state["failed"]
+            state["failed"] = True
+            return first
+
+        return self._transaction(change)
+
+    def _fresh(self) -> dict[str, Any]:
+        return {
+            "v": RANGES_VERSION,
+            "job": self._job,
+            "size": self._source.size,
+            "mtime_ns": self._source.mtime_ns,
+            "verdict": None,
+            "settled": [],
+            "last": False,
+            "failed": False,
+        }
+
+    def _load(self, data: bytes) -> dict[str, Any]:
+        fresh = self._fresh()
+        try:
+            state = json.loads(data)
+        except ValueError:
+            return fresh
+        same = isinstance(state, dict) and all(
+            state.get(key) == fresh[key] for key in ("v", "job", "size", "mtime_ns")
+        )
+        return {**fresh, **state} if same else fresh
+
+    def _transaction(self, change: Callable[[dict[str, Any]], T]) -> T:
+        with self._locked() as fd:
+            raw = b""
+            while chunk := os.pread(fd, 1 << 16, len(raw)):
+                raw += chunk
+            state = self._load(raw)
+            result = change(state)
+            data = json.dumps(state, separators=(",", ":")).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        return result
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _covers(ranges: list[list[Any]], size: int) -> bool:
+    position = 0
+    for offset, length, _digest in sorted(ranges):
+        if offset > position:
+            return False
+        position = max(position, offset + length)
+    return position >= size

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+from slipstream.engine.multisession import check_split
 from slipstream.engine.outgoing import envelope_extension
 from slipstream.engine.selection import FilterRules, TimeWindow
 from slipstream.errors import UsageError
@@ -28,6 +29,7 @@ def check_file_semantics(spec: TransferSpec, *, client: bool) -> None:
         # Each session of a multi-session transfer sees only its share of the files, so
         # one would delete what another just wrote.
         raise UsageError("delete_before_transfer cannot be combined with multi_session")
+    check_split(spec)  # multi_session_threshold: what a split file cannot honour
     try:
         TimeWindow.from_spec(spec, time.time())
     except ValueError as exc:

@@ -13,6 +13,11 @@ session's data phase and a sans-IO core driven by an ``Endpoint``. The exchange,
     sender   FILE_END(id, digest)               (digest of the *whole* file, even resumed)
     receiver FILE_DONE(id, digest | error)      (after verifying and renaming)
 
+A split file (multi_session_threshold) travels as one byte range per session: FILE carries
+``range: [offset, length]`` besides the whole ``size``, READY's offset lies in the range,
+FILE_END's digest covers the range, and SKIP / FILE_DONE say ``whole: true`` when the answer
+settles the file as a whole (the one answer that counts it); the others concern their range.
+
 The sender streams FILE messages ahead of the data within a window, the receiver answers
 most of them at once, and both sides batch their messages into few SSH writes, so many
 small files cost no round trip each. Only files that already exist at the destination
@@ -56,8 +61,11 @@ from slipstream.engine.incoming import (
     ReceiveOptions,
     discard_partial,
     finish_file,
+    finish_piece,
     place_link,
+    size_shared_partial,
 )
+from slipstream.engine.multisession import PieceEntry
 from slipstream.engine.outgoing import (
     Announcement,
     EnvelopeBlockSource,
@@ -70,17 +78,17 @@ from slipstream.engine.outgoing import (
     plain_digest_job,
     prepare_announcement,
 )
+from slipstream.engine.overwrite import skip_reason
 from slipstream.engine.paths import DestinationResolver, SourceEntry
 from slipstream.engine.resume import (
     CHECKPOINT_MIN_SIZE,
     CheckpointRecord,
     CheckpointWriter,
     FileIdentity,
-    Verdict,
     checkpoint_path,
-    decide_existing,
     decide_partial,
     read_checkpoint,
+    remove_split_sidecars,
 )
 from slipstream.engine.selection import LeftOut, iterate_in_thread
 from slipstream.errors import (
@@ -338,6 +346,8 @@ class _Outgoing:
     stored_path: str  # the name the receiver sees (obfuscated, envelope extension)
     size: int  # bytes announced (the envelope's size when encrypting)
     offset: int = 0
+    start: int = 0  # what travels: [start, end) (a split file's range, else the whole file)
+    end: int = 0
     digest: str = ""  # as sent in FILE_END (FILE_DONE confirms the receiver's matched it)
     checksum: str | None = None
 
@@ -471,10 +481,7 @@ class SendDriver(_Driver):
         await self._window.acquire()
         entry = item.entry
         out = _Outgoing(entry, self._stored_path(entry.rel_path, False), 0)
-        out.size = announced_size(entry, self._options)
-        self._announced[file_id] = out
-        self._unanswered += 1
-        self.bytes_announced += out.size
+        out.size = out.end = announced_size(entry, self._options)
         fields: dict[str, Any] = {
             "id": file_id,
             "path": out.stored_path,
@@ -482,6 +489,12 @@ class SendDriver(_Driver):
             "mtime_ns": entry.mtime_ns,
             "mode": entry.mode,
         }
+        if isinstance(entry, PieceEntry):
+            out.start, out.end = entry.offset, entry.offset + entry.length
+            fields[control.RANGE_FIELD] = [entry.offset, entry.length]
+        self._announced[file_id] = out
+        self._unanswered += 1
+        self.bytes_announced += out.end - out.start
         if item.atime_ns is not None:
             fields["atime_ns"] = item.atime_ns
         if item.env_header is not None:
@@ -528,13 +541,13 @@ class SendDriver(_Driver):
         file_id = int(msg["id"])
         out = self._outgoing(msg)
         offset, count = int(msg["offset"]), int(msg["count"])
-        if not 0 <= offset <= out.size or count != -(-(out.size - offset) // self._payload):
+        if not out.start <= offset <= out.end or count != -(-(out.end - offset) // self._payload):
             raise ProtocolError("READY does not fit the announced file", origin="remote")
-        slot = FileSlot(file_id, int(msg["first_block"]), count, offset, out.size)
+        slot = FileSlot(file_id, int(msg["first_block"]), count, offset, out.end)
         out.offset = offset
-        self.bytes_announced -= offset
+        self.bytes_announced -= offset - out.start
         header = self._peer_headers.pop(file_id, None) if offset else None
-        if offset or (self._options.checksum and self._options.keyring is None):
+        if offset > out.start or (self._options.checksum and self._options.keyring is None):
             # The whole file must still be digested (and checksummed): the worker does it.
             self._digested_by_worker.add(file_id)
         self._register(slot, out, header)
@@ -552,8 +565,10 @@ class SendDriver(_Driver):
 
     def _register(self, slot: FileSlot, out: _Outgoing, header: Any) -> None:
         if self._options.keyring is None:
-            self.source.register(slot, out.entry.local_path)
+            self.source.register(slot, out.entry.local_path, hash_from=out.start)
             return
+        if out.start or out.end != out.size:
+            raise ProtocolError("An envelope cannot be sent as a range", origin="local")
         if slot.offset and header is None:
             raise ProtocolError("Resumed an envelope without checking its key", origin="remote")
         self.source.register(slot, out.entry.local_path, out.entry.size, header)
@@ -564,7 +579,8 @@ class SendDriver(_Driver):
             head, key = header
             job = envelope_digest_job(path, head, key, algorithm)
         else:
-            job = plain_digest_job(path, algorithm)
+            span = (out.start, out.end) if isinstance(out.entry, PieceEntry) else None
+            job = plain_digest_job(path, algorithm, span)
 
         def done(digests: Any, error: SlipstreamError | None) -> None:
             if file_id not in self._announced:
@@ -581,20 +597,26 @@ class SendDriver(_Driver):
     def _on_skip(self, msg: dict[str, Any]) -> None:
         out = self._outgoing(msg)
         self._announced.pop(int(msg["id"]))
-        self.totals.files_skipped += 1
         self._unanswered -= 1
         self._window.release()
+        # A range of a split file is reported (and counted) by the range that took the
+        # file's verdict, whose SKIP says ``whole``.
+        if not isinstance(out.entry, PieceEntry) or msg.get(control.WHOLE_FIELD):
+            self._report_skip(out, str(msg["reason"]))
+        self._maybe_close_stream()
+
+    def _report_skip(self, out: _Outgoing, reason: str) -> None:
+        self.totals.files_skipped += 1
         self._emit(
             {
                 "type": "file_skipped",
                 "path": out.entry.rel_path,
                 "size": out.entry.size,
-                "reason": msg["reason"],
+                "reason": reason,
                 **self._stored_field(out),
             }
         )
         self._options.disposer.file_done(out.entry, self._emit, skipped=True)
-        self._maybe_close_stream()
 
     def _stored_field(self, out: _Outgoing) -> dict[str, str]:
         return {"stored_path": out.stored_path} if out.stored_path != out.entry.rel_path else {}
@@ -614,6 +636,9 @@ class SendDriver(_Driver):
         self._digested_by_worker.discard(file_id)
         self.source.release(file_id)
         self._window.release()
+        if isinstance(out.entry, PieceEntry):
+            self._piece_done(out, msg)
+            return
         if "error" in msg:
             self.totals.files_failed += 1
             self.totals.errors.append(msg["error"])
@@ -634,6 +659,26 @@ class SendDriver(_Driver):
             event["resumed_from"] = out.offset
         self._emit(event)
         self._options.disposer.file_done(out.entry, self._emit)
+
+    def _piece_done(self, out: _Outgoing, msg: dict[str, Any]) -> None:
+        """A split file's range is confirmed (or failed); ``whole``: the file as a whole."""
+        path, whole = out.entry.rel_path, bool(msg.get(control.WHOLE_FIELD))
+        if "error" in msg:
+            self.totals.errors.append(msg["error"])
+            if whole:
+                self.totals.files_failed += 1
+            self._emit(
+                {"type": "file_error" if whole else "range_error", "path": path, **_span(out)}
+                | {"error": msg["error"]}
+            )
+            return
+        self.totals.bytes_files += out.end - out.start
+        self.totals.bytes_resumed += out.offset - out.start
+        self._emit(_range_event(path, out.size, out.start, out.end, out.digest, out.offset))
+        if whole:
+            self.totals.files_done += 1
+            self._emit({"type": "file_done", "path": path, "size": out.size, "split": True})
+            self._options.disposer.file_done(out.entry, self._emit)
 
     def _on_link_done(self, msg: dict[str, Any]) -> None:
         entry = self._links.pop(int(msg["id"]), None)
@@ -698,6 +743,21 @@ class SendDriver(_Driver):
                 os.close(fd)
 
         return await asyncio.to_thread(compute)
+
+
+def _span(out: _Outgoing) -> dict[str, int]:
+    return {"offset": out.start, "length": out.end - out.start}
+
+
+def _range_event(
+    path: str, size: int, start: int, end: int, digest: str | None, resumed: int
+) -> dict[str, Any]:
+    """One range of a split file verified (each session reports its own)."""
+    event: dict[str, Any] = {"type": "range_done", "path": path, "size": size}
+    event |= {"offset": start, "length": end - start, "digest": digest}
+    if resumed > start:
+        event["resumed_from"] = resumed
+    return event
 
 
 def _add_checksum(event: dict[str, Any], algorithm: str | None, value: Any) -> None:
@@ -892,6 +952,10 @@ class RecvDriver(_Driver):
         except (SlipstreamError, OSError) as exc:
             self._file_failed(incoming, _as_error(exc, Path(incoming.dest_rel), "write"))
             return
+        if incoming.piece is not None:
+            self._deciding += 1
+            self._spawn(self._decide_piece(incoming, on_disk))
+            return
         if on_disk.final is None and on_disk.record is None and not incoming.decrypt:
             # The common case (a new file): answered at once, no round trip.
             self._start_or_fail(incoming, 0, truncate=on_disk.partial)
@@ -914,7 +978,20 @@ class RecvDriver(_Driver):
                 incoming.env_header = bytes.fromhex(str(msg.get("env_header") or ""))
             except ValueError:
                 raise ProtocolError("Malformed envelope header", origin="remote") from None
+        if msg.get(control.RANGE_FIELD) is not None:
+            incoming.piece = self._parse_piece(msg[control.RANGE_FIELD], size)
         return incoming
+
+    def _parse_piece(self, raw: Any, size: int) -> tuple[int, int]:
+        """A split file's range from the peer: in bounds, not empty, not an envelope."""
+        if self._options.keyring is not None or self._options.encrypted_upload:
+            raise ProtocolError("An envelope cannot be received as a range", origin="remote")
+        if not (isinstance(raw, list) and len(raw) == 2 and all(type(v) is int for v in raw)):
+            raise ProtocolError("Malformed file range", origin="remote")
+        offset, length = raw
+        if offset < 0 or length <= 0 or offset + length > size:
+            raise ProtocolError("File range outside the file", origin="remote")
+        return offset, length
 
     def _inspect(self, incoming: IncomingFile) -> _OnDisk:
         final = self._resolver.path_for(incoming.dest_rel, kind="file")
@@ -927,7 +1004,8 @@ class RecvDriver(_Driver):
         if final_st is not None and final_st.st_mode & 0o170000 == 0o040000:
             raise PathError(f"{incoming.dest_rel}: a folder is in the way of this file")
         partial = os.path.lexists(incoming.partial)
-        record = read_checkpoint(incoming.partial) if partial else None
+        at = incoming.start if incoming.piece is not None else None
+        record = read_checkpoint(incoming.partial, at) if partial else None
         return _OnDisk(final_st, partial, record)
 
     async def _decide(self, incoming: IncomingFile, on_disk: _OnDisk) -> None:
@@ -956,6 +1034,45 @@ class RecvDriver(_Driver):
             self._deciding -= 1
             self._maybe_close_stream()
 
+    async def _decide_piece(self, incoming: IncomingFile, on_disk: _OnDisk) -> None:
+        """A range of a split file. The file's fate is the verdict the first of its ranges
+        stamped in the range record (docs/protocol.md, "Split files"); this range follows it,
+        whatever it found itself, so no range skips what another one is replacing."""
+        try:
+            proposal = ""  # transfer
+            if on_disk.final is not None:
+                proposal = await self._existing_verdict(incoming, on_disk.final)
+                if not proposal and not self._options.allow_overwrite:
+                    raise DestinationExists(
+                        f"{incoming.dest_rel}: exists, and this server does not allow overwriting"
+                    )
+            self._ensure_parent(incoming)
+            record = incoming.range_record(self._options.job)
+            verdict, ours = record.stamp(proposal)
+            if verdict:
+                self._skip_piece(incoming, verdict, whole=ours)
+                return
+            offset = await self._resume_offset(incoming, on_disk.record)
+            self._start(incoming, offset, truncate=False)
+        except (SlipstreamError, OSError) as exc:
+            self._file_failed(incoming, _as_error(exc, Path(incoming.dest_rel), "write"))
+        finally:
+            self._deciding -= 1
+            self._maybe_close_stream()
+
+    def _skip_piece(self, incoming: IncomingFile, reason: str, *, whole: bool) -> None:
+        """Skip a range by the file's verdict; only the range that took it reports it."""
+        if whole:
+            self._skip(incoming, reason, whole=True)
+        else:
+            self._answered += 1
+            self._ctl.send_nowait(control.SKIP, id=incoming.file_id, reason=reason)
+            self._check_all_done()
+        record = incoming.range_record(self._options.job)
+        with contextlib.suppress(OSError):  # answered already; at worst the record stays
+            if record.settle(incoming.start, incoming.end - incoming.start, "").last:
+                record.path.unlink(missing_ok=True)  # every range skipped: nothing to meet
+
     async def _open_envelope_header(self, incoming: IncomingFile) -> None:
         """A file to decrypt: check the passphrase now, before any byte of it travels."""
         keyring = self._options.keyring
@@ -968,33 +1085,28 @@ class RecvDriver(_Driver):
 
     async def _existing_verdict(self, incoming: IncomingFile, final_st: os.stat_result) -> str:
         """Why to skip the announced file ("" = replace what is there)."""
-        resume = self._options.resume
         size = incoming.size
-        if incoming.decrypt:
-            # We hold plaintext, the sender envelopes: only sizes and times compare.
-            size = incoming.plain_size if incoming.plain_size is not None else size
-            resume = "attributes" if resume != "none" else resume
-        dest = FileIdentity(final_st.st_size, final_st.st_mtime_ns)
-        decision = decide_existing(
-            self._options.overwrite, resume, dest, FileIdentity(size, incoming.mtime_ns)
-        )
-        if decision.verdict is Verdict.SKIP:
-            return decision.reason
-        if decision.verdict is Verdict.REPLACE:
-            return ""
-        same = await self._same_content(incoming, incoming.final, list(decision.ranges))
-        return decision.reason if same else ""
+        if incoming.decrypt and incoming.plain_size is not None:
+            size = incoming.plain_size
+
+        async def same(ranges: list[tuple[int, int]]) -> bool:
+            return await self._same_content(incoming, incoming.final, ranges)
+
+        # The one rule the HTTPS fallback applies too (engine/overwrite.py).
+        announced = FileIdentity(size, incoming.mtime_ns)
+        return await skip_reason(self._options, final_st, announced, same, decrypt=incoming.decrypt)
 
     async def _resume_offset(self, incoming: IncomingFile, record: CheckpointRecord | None) -> int:
         src = FileIdentity(incoming.size, incoming.mtime_ns)
-        decision = decide_partial(self._options.resume, record, src)
-        if decision.offset == 0:
-            return 0
+        start = incoming.start
+        decision = decide_partial(self._options.resume, record, src, start, incoming.end)
+        if decision.offset == start:
+            return start
         if self._options.encrypted_upload and decision.offset < HEADER_SIZE:
             return 0  # the sender must see the envelope's header to continue it
         if decision.ranges or self._options.encrypted_upload:
             same = await self._same_content(incoming, incoming.partial, list(decision.ranges))
-            return decision.offset if same else 0
+            return decision.offset if same else start
         return decision.offset
 
     async def _same_content(
@@ -1027,7 +1139,7 @@ class RecvDriver(_Driver):
         if waiter is not None and not waiter.done():
             waiter.set_result(msg)
 
-    def _skip(self, incoming: IncomingFile, reason: str) -> None:
+    def _skip(self, incoming: IncomingFile, reason: str, *, whole: bool = False) -> None:
         self._answered += 1
         self.totals.files_skipped += 1
         self._emit(
@@ -1038,7 +1150,8 @@ class RecvDriver(_Driver):
                 "reason": reason,
             }
         )
-        self._ctl.send_nowait(control.SKIP, id=incoming.file_id, reason=reason)
+        extra = {control.WHOLE_FIELD: True} if whole else {}
+        self._ctl.send_nowait(control.SKIP, id=incoming.file_id, reason=reason, **extra)
         self._check_all_done()
 
     # -- placing and receiving -------------------------------------------------------------
@@ -1054,33 +1167,37 @@ class RecvDriver(_Driver):
 
         Everything that can fail happens before the block run is taken: a run assigned to
         a file that never gets its READY would shift every later file's blocks.
+
+        A range of a split file shares the partial with the file's other ranges (in other
+        sessions, maybe other processes): it never truncates it, only sizes it to the whole
+        file, and keeps its own checkpoint (``NAME.partial.slipstream-ckpt.OFFSET``).
         """
-        if not incoming.final.parent.is_dir():
-            incoming.final = self._resolver.ensure_parent(incoming.dest_rel)
-            incoming.partial = incoming.final.with_name(
-                incoming.final.name + self._options.partial_suffix
-            )
-        if incoming.size >= CHECKPOINT_MIN_SIZE:  # first: it also locks the partial
+        self._ensure_parent(incoming)
+        piece_at = incoming.start if incoming.piece is not None else None
+        if incoming.end - incoming.start >= CHECKPOINT_MIN_SIZE:  # first: it also locks
             source = FileIdentity(incoming.size, incoming.mtime_ns)
-            incoming.checkpoint = CheckpointWriter(incoming.partial, source, offset)
+            incoming.checkpoint = CheckpointWriter(incoming.partial, source, offset, piece_at)
         elif truncate:
             checkpoint_path(incoming.partial).unlink(missing_ok=True)
         try:
-            if offset:
+            if piece_at is not None:
+                size_shared_partial(incoming.partial, incoming.size)
+            elif offset:
                 os.truncate(incoming.partial, incoming.size)  # drop anything past the end
             elif truncate:
                 os.truncate(incoming.partial, 0)  # a stale partial: its content is not trusted
+                remove_split_sidecars(incoming.partial)  # nor are a split run's ranges
         except OSError:
             self._close_checkpoint(incoming)
             raise
         if incoming.checkpoint is not None:
             self._checkpointed[incoming.file_id] = incoming
-        count = -(-(incoming.size - offset) // self._payload)
-        slot = FileSlot(incoming.file_id, self._next_block, count, offset, incoming.size)
+        count = -(-(incoming.end - offset) // self._payload)
+        slot = FileSlot(incoming.file_id, self._next_block, count, offset, incoming.end)
         self._next_block += count
         incoming.slot, incoming.offset = slot, offset
         self._files[incoming.file_id] = incoming
-        self.bytes_announced += incoming.size - offset
+        self.bytes_announced += incoming.end - offset
         self.sink.register(slot, incoming.partial)
         self._core.extend_known(self._next_block)
         self._ctl.send_nowait(
@@ -1090,6 +1207,13 @@ class RecvDriver(_Driver):
             count=count,
             offset=offset,
         )
+
+    def _ensure_parent(self, incoming: IncomingFile) -> None:
+        if not incoming.final.parent.is_dir():
+            incoming.final = self._resolver.ensure_parent(incoming.dest_rel)
+            incoming.partial = incoming.final.with_name(
+                incoming.final.name + self._options.partial_suffix
+            )
 
     async def _on_file_end(self, msg: dict[str, Any]) -> None:
         incoming = self._files.get(int(msg["id"]))
@@ -1132,14 +1256,14 @@ class RecvDriver(_Driver):
             return  # the file already failed (its sender could not digest it)
         incoming.blocks_done = True
         if incoming.checkpoint is not None:
-            incoming.checkpoint.write(incoming.size)
+            incoming.checkpoint.write(incoming.end)
         self._maybe_finalize(incoming)
 
     def _maybe_finalize(self, incoming: IncomingFile) -> None:
         if not incoming.blocks_done or incoming.digest is None or incoming.finishing:
             return
         incoming.finishing = True
-        if incoming.size <= INLINE_HASH_LIMIT and not incoming.decrypt:
+        if incoming.size <= INLINE_HASH_LIMIT and not incoming.decrypt and not incoming.piece:
             # Small files: finished on the loop, after the current batch of datagrams.
             asyncio.get_running_loop().call_soon(self._finish_inline, incoming)
         else:
@@ -1155,8 +1279,9 @@ class RecvDriver(_Driver):
 
     async def _finish_in_thread(self, incoming: IncomingFile) -> None:
         self._close_checkpoint(incoming)
+        finish = finish_piece if incoming.piece is not None else finish_file
         try:
-            result = await asyncio.to_thread(finish_file, incoming, self._options)
+            result = await asyncio.to_thread(finish, incoming, self._options)
         except Exception as exc:
             self._finish_failed(incoming, exc)
             return
@@ -1180,6 +1305,9 @@ class RecvDriver(_Driver):
         self._files.pop(incoming.file_id, None)
         self._close_checkpoint(incoming)
         self._answered += 1
+        if incoming.piece is not None:
+            self._piece_finished(incoming, result)
+            return
         size = incoming.plain_size if incoming.plain_size is not None else incoming.size
         self.totals.files_done += 1
         self.totals.bytes_files += size
@@ -1204,14 +1332,59 @@ class RecvDriver(_Driver):
         self._ctl.send_nowait(control.FILE_DONE, id=incoming.file_id)
         self._check_all_done()
 
+    def _piece_finished(self, incoming: IncomingFile, result: FinishResult) -> None:
+        """A split file's range verified; ``result.whole``: and the file renamed by it."""
+        start, end = incoming.start, incoming.end
+        self.totals.bytes_files += end - start
+        self.totals.bytes_resumed += incoming.offset - start
+        digest = result.digests.digest
+        self._emit(
+            _range_event(incoming.dest_rel, incoming.size, start, end, digest, incoming.offset)
+        )
+        if not result.whole:
+            self._ctl.send_nowait(control.FILE_DONE, id=incoming.file_id)
+            self._check_all_done()
+            return
+        self.totals.files_done += 1
+        event: dict[str, Any] = {"type": "file_done", "path": incoming.dest_rel}
+        event |= {"size": incoming.size, "split": True, "ranges": [list(r) for r in result.ranges]}
+        event["file"] = str(incoming.final)
+        if result.backup is not None:
+            event["saved_as"] = str(result.backup)
+        self._emit(event)
+        self._ctl.send_nowait(control.FILE_DONE, id=incoming.file_id, **{control.WHOLE_FIELD: True})
+        self._check_all_done()
+
     def _file_failed(self, incoming: IncomingFile, error: SlipstreamError) -> None:
         self._answered += 1
-        self.totals.files_failed += 1
         self.totals.errors.append(error.to_dict())
-        self._emit({"type": "file_error", "path": incoming.dest_rel, "error": error.to_dict()})
+        whole = self._counts_failure(incoming)
+        if whole:
+            self.totals.files_failed += 1
+        event: dict[str, Any] = {"type": "file_error" if whole else "range_error"}
+        event["path"] = incoming.dest_rel
+        reply: dict[str, Any] = {}
+        if incoming.piece is not None:
+            event |= {"offset": incoming.start, "length": incoming.end - incoming.start}
+            reply = {control.WHOLE_FIELD: True} if whole else {}
+        event["error"] = error.to_dict()
+        self._emit(event)
         with contextlib.suppress(SlipstreamError):
-            self._ctl.send_nowait(control.FILE_DONE, id=incoming.file_id, error=error.to_dict())
+            self._ctl.send_nowait(
+                control.FILE_DONE, id=incoming.file_id, error=error.to_dict(), **reply
+            )
         self._check_all_done()
+
+    def _counts_failure(self, incoming: IncomingFile) -> bool:
+        """Whether this failure counts the file as failed: always for a whole file; for a
+        split file, only the first failing range of the job (noted in the range record)."""
+        if incoming.piece is None:
+            return True
+        if incoming.partial.name:
+            with contextlib.suppress(OSError):
+                return incoming.range_record(self._options.job).note_failure()
+        # No record possible (no place for it): every range fails alike here.
+        return incoming.start == 0
 
     def _check_all_done(self) -> None:
         if self._expected is not None and self._answered >= self._expected:

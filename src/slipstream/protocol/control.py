@@ -22,6 +22,9 @@ MAX_LINE = 1 << 20  # a manifest entry is small; a longer line is a broken or ho
 # Sender -> receiver: FILE, DIR, LINK, FILE_END, SUMS, EOF. Receiver -> sender: READY, SKIP,
 # SUMS_REQ, FILE_DONE, LINK_DONE, DONE. Either side: ERROR (fatal for the session), RATE
 # (live rate change request). docs/protocol.md "Control channel" describes the exchange.
+# A split file (multi_session_threshold) is announced per session as FILE with the optional
+# RANGE_FIELD ``[offset, length]`` next to the whole ``size``; SKIP and FILE_DONE for it carry
+# WHOLE_FIELD ``true`` when they settle the file as a whole rather than just that range.
 OPEN = "open"
 ACCEPT = "accept"
 ERROR = "error"
@@ -38,6 +41,9 @@ LINK = "link"  # a symbolic link sent as a link (symlink_policy copy)
 LINK_DONE = "link_done"
 SUMS_REQ = "sums_req"  # resume / overwrite: the receiver asks checksums of byte ranges
 SUMS = "sums"
+
+RANGE_FIELD = "range"  # FILE: [offset, length] of a split file that travels in this session
+WHOLE_FIELD = "whole"  # SKIP / FILE_DONE of a range: this answer settles the whole file
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     OPEN: ("v", "spec"),

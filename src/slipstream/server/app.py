@@ -52,7 +52,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         dispatcher = UdpDispatcher(sock)
         # `slipstream doctor` probes the data port without logging in (transport/probe.py).
         dispatcher.register(PROBE_SESSION_ID, cast(Endpoint, ProbeResponder(sock)))
-        manager = SessionManager(config, dispatcher, services.hooks)
+        manager = SessionManager(config, dispatcher, services.hooks, services.budget)
         sshd = await start_sshd(
             config, manager.handle, host_key=host_key, authenticator=services.authenticator
         )

@@ -50,19 +50,33 @@ log = logging.getLogger("slipstream.server")
 
 # A client that negotiated but never sent a UDP datagram is given up after this long.
 UDP_HANDSHAKE_TIMEOUT = 30.0
+# One log line each; a split file's ranges (multi_session_threshold) get one per range too.
+_LOGGED_FILE_EVENTS = (
+    "file_done",
+    "file_error",
+    "file_skipped",
+    "file_excluded",
+    "range_done",
+    "range_error",
+)
 
 
 class SessionManager:
     """Owns the shared UDP port and runs every session that arrives over SSH."""
 
     def __init__(
-        self, config: ServerConfig, dispatcher: UdpDispatcher, hooks: SessionHooks | None = None
+        self,
+        config: ServerConfig,
+        dispatcher: UdpDispatcher,
+        hooks: SessionHooks | None = None,
+        budget: AggregateBudget | None = None,
     ) -> None:
         self.config = config
         self.dispatcher = dispatcher
         self.hooks = hooks or SessionHooks()  # tokens, ops records, HTTPS fallback
         self.active: dict[bytes, dict[str, Any]] = {}
-        self.budget = AggregateBudget(config.aggregate_rate_kbps)  # one cap, all sessions
+        # One aggregate cap for all sessions; the server shares it with its HTTPS fallback.
+        self.budget = budget or AggregateBudget(config.aggregate_rate_kbps)
 
     async def handle(
         self, user: UserConfig, reader: Any, writer: Any, peer: tuple[str, int]
@@ -187,7 +201,7 @@ class SessionManager:
         def emit(event: dict[str, Any]) -> None:
             kind = event.get("type")
             self.hooks.file_event(tracked, event)
-            if kind in ("file_done", "file_error", "file_skipped", "file_excluded"):
+            if kind in _LOGGED_FILE_EVENTS:
                 log.info(
                     "file user=%s peer=%s dir=%s path=%s result=%s size=%s%s",
                     user.name,
@@ -271,6 +285,8 @@ def _log_session(
 def _file_details(event: dict[str, Any]) -> str:
     """The optional parts of a file log line: checksum, resume point, skip reason."""
     parts = []
+    if event.get("length") is not None:  # a range of a split file
+        parts.append(f" range={event.get('offset')}+{event['length']}")
     if event.get("file_checksum"):
         parts.append(f" checksum={event['file_checksum_type']}:{event['file_checksum']}")
     if event.get("resumed_from"):
@@ -288,7 +304,9 @@ def _metadata_text(spec: TransferSpec) -> str:
 
 def _docroot_sources(user: UserConfig, spec: TransferSpec) -> Iterator[SourceEntry | LeftOut]:
     entries = select_sources(spec, base_dir=user.docroot, docroot=user.docroot)
-    entries = select_share(entries, spec)  # one of N multi_session shares, or everything
+    # One of N multi_session shares, or everything; big files may come as one range each
+    # (multi_session_threshold: engine/multisession.py).
+    entries = select_share(entries, spec)
     # Resolve the first source now, so a wrong or forbidden path is refused before the
     # session is accepted rather than after the client started its UDP handshake.
     first = next(entries, None)
