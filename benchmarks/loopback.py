@@ -157,6 +157,7 @@ def start_slipstream(root: Path) -> tuple[subprocess.Popen[str], dict[str, objec
 
 def run_slipstream(info: dict[str, object], src: Path, extra: list[str]) -> None:
     env = {**os.environ, "SLIPSTREAM_PASSWORD": str(info["password"])}
+    env["SLIPSTREAM_PATH_MEMORY"] = "0"  # every run starts cold, whatever ran before
     subprocess.run(
         [
             sys.executable,

@@ -192,6 +192,7 @@ def slipstream_send(servers: Servers, source: Path, remote_dest: str, extra: lis
     command += ["-O", str(info["fasp_port"]), "--sshfp", str(info["sshfp"])]
     env = {
         "SLIPSTREAM_PASSWORD": str(info["password"]),
+        "SLIPSTREAM_PATH_MEMORY": "0",  # every run starts cold, whatever ran before
         "SLIPSTREAM_KNOWN_HOSTS": str(servers.root / "known_hosts"),
     }
     return servers.net.client([*command, *extra, str(source), remote_dest]), env

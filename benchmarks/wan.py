@@ -338,9 +338,17 @@ def slipstream_cmd(servers: Servers, extra: list[str]) -> list[str]:
     )
 
 
-def run_slipstream(servers: Servers, extra: list[str], limit: float) -> tuple[float, float]:
-    """(Mbit/s over the whole command, Mbit/s of the session alone: login excluded)."""
+def run_slipstream(
+    servers: Servers, extra: list[str], limit: float, warm: bool = False
+) -> tuple[float, float]:
+    """(Mbit/s over the whole command, Mbit/s of the session alone: login excluded).
+
+    Cold (the default): no memory of earlier sessions on the path. ``warm``: the path
+    memory of the previous run on this cell is used (careful resume, engine/pathmemory.py).
+    """
     env = {**os.environ, "SLIPSTREAM_PASSWORD": str(servers.slip["password"])}
+    env["XDG_CACHE_HOME"] = str(servers.root / "client-cache")  # per cell: never the user's
+    env["SLIPSTREAM_PATH_MEMORY"] = "1" if warm else "0"
     start = time.monotonic()
     done = subprocess.run(
         slipstream_cmd(servers, ["--json-events", *extra]),
@@ -370,6 +378,7 @@ def run_slipstream(servers: Servers, extra: list[str], limit: float) -> tuple[fl
 
 def slipstream_progress(servers: Servers, extra: list[str], seconds: float) -> Background:
     env = {**os.environ, "SLIPSTREAM_PASSWORD": str(servers.slip["password"])}
+    env["SLIPSTREAM_PATH_MEMORY"] = "0"  # every run starts cold
     cmd = slipstream_cmd(servers, ["--json-events", *extra])
     return Background(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
@@ -442,8 +451,15 @@ def queue_probe(servers: Servers, seconds: float) -> tuple[float, float]:
 def run_cell(cell: Cell, servers: Servers, args: argparse.Namespace) -> dict[str, float]:
     row: dict[str, float] = {}
     servers.clean_dest()
+    shutil.rmtree(servers.root / "client-cache", ignore_errors=True)
     whole, session = run_slipstream(servers, [], args.slip_limit)
     row["slipstream fair"], row["(session only)"] = whole, session
+    if args.warm:
+        servers.clean_dest()
+        run_slipstream(servers, [], args.slip_limit, warm=True)  # learns the path...
+        servers.clean_dest()
+        whole, session = run_slipstream(servers, [], args.slip_limit, warm=True)  # ...uses it
+        row["slipstream warm"], row["(warm session)"] = whole, session
     for cc in ("cubic", "bbr"):
         set_cc(cc)
         for name, tool in (("scp", run_scp), ("rsync", run_rsync), ("curl", run_curl)):
@@ -497,6 +513,11 @@ def main() -> None:
     parser.add_argument("--tcp-cap", type=float, default=60.0, help="seconds per TCP run")
     parser.add_argument("--slip-limit", type=float, default=600.0, help="seconds, Slipstream")
     parser.add_argument("--share-time", type=float, default=60.0, help="fairness run seconds")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="also run Slipstream with the memory of a previous session on the path",
+    )
     parser.add_argument("--no-fairness", action="store_true")
     parser.add_argument("--only-fairness", action="store_true")
     args = parser.parse_args()

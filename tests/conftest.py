@@ -87,6 +87,9 @@ def server(tmp_path: Path) -> Iterator[ServerHandle]:
 def _private_known_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Never read or write the real user's known_hosts from tests.
     monkeypatch.setenv("SLIPSTREAM_KNOWN_HOSTS", str(tmp_path / "known_hosts"))
+    # Nor the real cache (the client's path memory, engine/pathmemory.py): each test
+    # starts cold and leaves nothing behind.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def cli(

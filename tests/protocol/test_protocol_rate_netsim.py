@@ -12,6 +12,7 @@ import pytest
 
 from netsim import CrossFlow, LinkConfig, Simulator, make_pair
 from slipstream.protocol import wire
+from slipstream.protocol.rate import PathEstimate
 
 PAYLOAD_SHARE = wire.payload_size_for() / 1500  # goodput share of a full 1500-byte datagram
 
@@ -27,12 +28,16 @@ def run_for(
     target_bps: float | None = None,
     min_bps: float = 0.0,
     queue_bdp: float = 1.0,
+    hint: PathEstimate | None = None,
 ) -> tuple[Simulator, list[tuple[float, int]]]:
-    """Run ``seconds`` of virtual time; returns the simulator and (time, received bytes)."""
+    """Run ``seconds`` of virtual time; returns the simulator and (time, received bytes).
+    ``hint``: what an earlier session on the path remembered (careful resume)."""
     delay = rtt / 2
     queue = max(64 * 1500, int(rate_bps / 8 * rtt * queue_bdp))
     size = int(rate_bps / 8 * seconds * 1.5)
     pair = make_pair(os.urandom(size), policy=policy, target_bps=target_bps, min_bps=min_bps)
+    if hint is not None:
+        pair.sender.rate_controller.resume_path(hint.rate, hint.min_rtt)
     sim = Simulator(
         pair,
         LinkConfig(rate_bps=rate_bps, delay=delay, loss=loss, queue_bytes=queue),
@@ -143,3 +148,61 @@ def test_min_rate_floors_fair_under_competition() -> None:
     sim, received = run_for("low", seconds=8, rate_bps=rate, rtt=0.04, cross=[tcp], min_bps=6e6)
     assert sim.pair.sender.pacing_rate * 8 >= 6e6
     assert goodput_bps(received, 3.0, 8.0) > 0.8 * 6e6 * PAYLOAD_SHARE
+
+
+# --- careful resume: a remembered path -------------------------------------------------------
+
+
+def _received_at(received: list[tuple[float, int]], when: float) -> int:
+    return next(b for t, b in received if t >= when - 1e-9)
+
+
+def test_a_remembered_path_is_filled_sooner() -> None:
+    rate, rtt = 50e6, 0.1
+    _sim, cold = run_for("fair", seconds=1.5, rate_bps=rate, rtt=rtt)
+    hint = PathEstimate(rate / 8, rtt)
+    sim, warm = run_for("fair", seconds=1.5, rate_bps=rate, rtt=rtt, hint=hint)
+    # Cold start-up doubles from 10 Mbit/s for ~3 RTTs; warm jumps to half the old rate
+    # after one RTT and is full a round later.
+    assert _received_at(warm, 0.6) > 1.4 * _received_at(cold, 0.6)
+    assert goodput_bps(warm, 0.4, 1.5) > 0.9 * rate * PAYLOAD_SHARE
+    # The jump adds to start-up's overshoot, boundedly (cold: ~0.35 RTT over these 1.5 s).
+    assert sim.forward.stats.mean_queue_delay < 0.6 * rtt
+
+
+def test_a_stale_memory_of_a_faster_path_settles_to_the_slower_one() -> None:
+    rate, rtt = 20e6, 0.05
+    hint = PathEstimate(8 * rate / 8, rtt)  # remembered four times the capacity
+    sim, received = run_for("fair", seconds=6, rate_bps=rate, rtt=rtt, hint=hint)
+    assert goodput_bps(received, 2.0, 6.0) == pytest.approx(rate * PAYLOAD_SHARE, rel=0.10)
+    assert sim.forward.stats.mean_queue_delay < 0.5 * rtt
+
+
+def test_a_memory_from_another_rtt_is_ignored() -> None:
+    rate, rtt = 50e6, 0.1
+    _sim, cold = run_for("fair", seconds=1.0, rate_bps=rate, rtt=rtt)
+    elsewhere = PathEstimate(rate / 8, rtt / 4)  # same rate, another path
+    _sim, hinted = run_for("fair", seconds=1.0, rate_bps=rate, rtt=rtt, hint=elsewhere)
+    assert _received_at(hinted, 0.6) == pytest.approx(_received_at(cold, 0.6), rel=0.05)
+
+
+def test_low_never_jumps_on_a_memory() -> None:
+    rate, rtt = 50e6, 0.1
+    _sim, cold = run_for("low", seconds=1.0, rate_bps=rate, rtt=rtt)
+    hint = PathEstimate(rate / 8, rtt)
+    _sim, hinted = run_for("low", seconds=1.0, rate_bps=rate, rtt=rtt, hint=hint)
+    assert _received_at(hinted, 0.6) == pytest.approx(_received_at(cold, 0.6), rel=0.05)
+
+
+def test_a_session_reports_what_it_learned_of_the_path() -> None:
+    rate, rtt = 30e6, 0.04
+    sim, _received = run_for("fair", seconds=4, rate_bps=rate, rtt=rtt)
+    estimate = sim.pair.sender.rate_controller.path_estimate()
+    assert estimate is not None
+    assert estimate.rate * 8 == pytest.approx(rate, rel=0.15)
+    assert estimate.min_rtt == pytest.approx(rtt, rel=0.2)
+
+
+def test_a_session_still_in_start_up_has_no_estimate() -> None:
+    sim, _received = run_for("fair", seconds=0.25, rate_bps=50e6, rtt=0.1)
+    assert sim.pair.sender.rate_controller.path_estimate() is None

@@ -23,6 +23,7 @@ from slipstream.engine.multisession import (
     session_count,
     session_index,
 )
+from slipstream.engine.pathmemory import PathMemory, resume_path
 from slipstream.engine.paths import SourceEntry, expand_sources
 from slipstream.engine.selection import select_sources
 from slipstream.engine.semantics import check_file_semantics, session_metadata
@@ -308,6 +309,7 @@ async def _data_phase(
     sock = DatagramSocket.bind(_udp_bind_host(peer[0]), 0)
     watch = _CoreWatch()
     driver: SendDriver | RecvDriver
+    paths: PathMemory | None = None  # an upload's sender remembers the path (pathmemory.py)
     cwd = options.cwd or Path.cwd()
     if spec.direction == "send":
         driver = SendDriver(
@@ -324,6 +326,8 @@ async def _data_phase(
             rate=client_rate_settings(spec, params),
             now=loop.time(),
         )
+        paths = PathMemory.for_client()
+        resume_path(core, paths, peer[0])
     else:
         resolver = destination_for_spec(
             spec, base_dir=cwd, docroot=options.docroot, default_root="."
@@ -346,6 +350,8 @@ async def _data_phase(
         totals = await driver.run()
         core.close(loop.time())
         endpoint.step()
+        if paths is not None:
+            paths.remember(peer[0], core.rate_controller.path_estimate())
         return totals
     except SlipstreamError as exc:
         await ctl.send_error(exc)

@@ -17,6 +17,7 @@ from typing import Any
 
 from slipstream.engine.livecontrol import ServerRate
 from slipstream.engine.multisession import select_share
+from slipstream.engine.pathmemory import PathMemory, resume_path
 from slipstream.engine.paths import DestinationResolver, SourceEntry
 from slipstream.engine.selection import LeftOut, select_sources
 from slipstream.engine.semantics import changes_sources, check_file_semantics, session_metadata
@@ -77,6 +78,8 @@ class SessionManager:
         self.active: dict[bytes, dict[str, Any]] = {}
         # One aggregate cap for all sessions; the server shares it with its HTTPS fallback.
         self.budget = budget or AggregateBudget(config.aggregate_rate_kbps)
+        # What each download's sender learned of the path to its client, for the next one.
+        self.paths = PathMemory()
 
     async def handle(
         self, user: UserConfig, reader: Any, writer: Any, peer: tuple[str, int]
@@ -174,6 +177,7 @@ class SessionManager:
                 rate=RateSettings.from_state(rate.state),
                 now=loop.time(),
             )
+            resume_path(core, self.paths, peer[0])
             driver.rate_handler = rate.on_client_rate  # a download client's live change
         rate.attach("receive" if spec.direction == "send" else "send", core, ctl, features)
         endpoint = Endpoint(core, self.dispatcher.sock, None, watch.on_event, watch.fail)
@@ -186,6 +190,8 @@ class SessionManager:
             totals = await driver.run()
             core.close(loop.time())
             endpoint.step()
+            if spec.direction == "receive":  # we sent: remember the path
+                self.paths.remember(peer[0], core.rate_controller.path_estimate())
             _log_session(user, peer, spec, totals)
         finally:
             self.budget.leave(share_handle)

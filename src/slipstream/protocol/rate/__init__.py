@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from slipstream.errors import UnsupportedError
 
@@ -88,6 +89,22 @@ class RateController(ABC):
 
     def seed(self, pacing_rate: float) -> None:  # noqa: B027 - optional hook, no-op default
         """Start from ``pacing_rate`` bytes/s (used when the policy changes mid-transfer)."""
+
+    def resume_path(self, pacing_rate: float, min_rtt: float) -> None:  # noqa: B027
+        """A hint from an earlier session on this path: it delivered ``pacing_rate`` bytes/s
+        at a minimum RTT of ``min_rtt`` s. Adaptive policies may start nearer to it."""
+
+    def path_estimate(self) -> PathEstimate | None:
+        """What this session learned of the path, for the next one (None: nothing sure)."""
+        return None
+
+
+@dataclass(frozen=True)
+class PathEstimate:
+    """A path's capacity as a finished session saw it (see engine/pathmemory.py)."""
+
+    rate: float  # bytes/s the path delivered at its best
+    min_rtt: float  # seconds
 
 
 RateControllerFactory = Callable[..., RateController]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from . import RateController
+from . import PathEstimate, RateController
 
 INITIAL_BPS = 10e6  # first round's rate; start-up doubles it every round
 MIN_ROUND = 0.01  # seconds: rounds shorter than the report interval carry no information
@@ -66,6 +66,9 @@ CEILING_ROUNDS = 10  # rounds the best delivery rate is remembered
 STALL_SHARE = 0.7  # a round delivering less than this share of the recent best: a stall?
 LOSS_ANCHOR_WINDOW = 30.0  # seconds: the lowest loss seen this long ago still bounds...
 LOSS_ANCHOR_SLACK = 0.01  # ...the baseline, to twice that plus this
+RESUME_SHARE = 0.5  # a remembered path: start-up jumps to this share of its old rate...
+RESUME_RTT_RANGE = (0.67, 1.5)  # ...if the RTT says it is still the same path
+ESTIMATE_AFTER_ROUNDS = 5  # rounds past start-up before a session's estimate means much
 
 
 class FairRateController(RateController):
@@ -78,6 +81,7 @@ class FairRateController(RateController):
     compete_beta = 0.7  # compete mode: multiplicative decrease per loss event (CUBIC's)
     compete_step = 1.0  # compete mode: datagrams added per RTT (Reno's, about CUBIC's here)
     may_compete = True  # low never competes: it yields instead
+    resumes_path = True  # low never jumps ahead on an old session's word
 
     def __init__(self, *, target_bps: float | None, min_bps: float = 0) -> None:
         super().__init__(target_bps=target_bps, min_bps=min_bps)
@@ -114,6 +118,8 @@ class FairRateController(RateController):
         self._rate_history: deque[tuple[float, float]] = deque(maxlen=64)
         # The best delivery rates of the last rounds: where the path's ceiling was.
         self._recent_through: deque[float] = deque(maxlen=CEILING_ROUNDS)
+        self._resume_hint: PathEstimate | None = None
+        self._rounds_past_startup = 0
 
     @property
     def pacing_rate(self) -> float:
@@ -142,6 +148,36 @@ class FairRateController(RateController):
     def seed(self, pacing_rate: float) -> None:
         self._rate = self.clamp(pacing_rate)
 
+    # --- memory of the path between sessions (careful resume) ------------------------------
+
+    def resume_path(self, pacing_rate: float, min_rtt: float) -> None:
+        if self.resumes_path and pacing_rate > 0 and min_rtt > 0:
+            self._resume_hint = PathEstimate(pacing_rate, min_rtt)
+
+    def path_estimate(self) -> PathEstimate | None:
+        """The best recent delivery rate, once start-up has found the ceiling; a session
+        that never left start-up (too short, or app-limited) has not seen the path."""
+        if self._rounds_past_startup < ESTIMATE_AFTER_ROUNDS or self._min_rtt is None:
+            return None
+        if not self._recent_through:
+            return None
+        return PathEstimate(max(self._recent_through), self._min_rtt)
+
+    def _maybe_resume(self, now: float, rtt: float) -> None:
+        """Like the IETF's careful resume: the first RTT sample must match the remembered
+        path; then start-up jumps to half the rate that path delivered, and goes on from
+        there (its queue and shortfall checks catch a path that has become slower)."""
+        hint, self._resume_hint = self._resume_hint, None
+        assert hint is not None
+        low, high = RESUME_RTT_RANGE
+        base = self._min_rtt if self._min_rtt is not None else rtt
+        if not self._startup or not low * hint.min_rtt <= base <= high * hint.min_rtt:
+            return
+        jump = self.clamp(hint.rate * RESUME_SHARE)
+        if jump > self._rate:
+            self._rate = jump
+            self._rate_history.append((now, jump))
+
     def _on_limits_changed(self) -> None:
         previous = self._rate
         self._rate = self.clamp(self._rate)
@@ -164,6 +200,8 @@ class FairRateController(RateController):
         if not self._rate_history:
             self._rate_history.append((now, self._rate))
         self._update_delay(rtt, min_rtt)
+        if self._resume_hint is not None and rtt is not None:
+            self._maybe_resume(now, rtt)
         if self._startup:
             self._check_startup_exit(now, delivered_bytes, interval, rtt)
         if self._round_start is None:
@@ -243,6 +281,8 @@ class FairRateController(RateController):
         self._round_min_rtt = None
         congested = self._congested()
         self._round_index += 1
+        if not self._startup:
+            self._rounds_past_startup += 1
         if self._startup:
             self._startup_left_at = self._round_index
         elif congested and self._round_index - self._startup_left_at > 4:

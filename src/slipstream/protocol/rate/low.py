@@ -25,6 +25,7 @@ class LowRateController(FairRateController):
     queue_share = 0.5
     growth = LEDBAT_GAIN
     may_compete = False
+    resumes_path = False
 
     def _grow(self, through: float, sent_rate: float) -> float:
         if self._qdelay >= self.queue_target / 2 or through < self.keeping_up * sent_rate:
