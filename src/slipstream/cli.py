@@ -7,6 +7,8 @@ spec (nothing was transferred).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -289,7 +291,18 @@ def _run_cli_transfer(direction: str, args: tuple[str, ...], opts: dict[str, Any
         result = run_with_progress(spec, client, json_events=opts["json_events"])
     except SlipstreamError as exc:
         fail(exc)
-    sys.exit(0 if result.ok else EXIT_FAILED)
+    _exit_now(0 if result.ok else EXIT_FAILED)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a finished transfer without the interpreter's teardown of every module and
+    object (~0.1 s, a round trip's worth on a WAN, for nothing): exit handlers still run
+    and output is flushed first."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _with_fallback_options(spec: Any, opts: dict[str, Any]) -> Any:
