@@ -13,7 +13,9 @@ it belongs and counts what is still missing.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +23,13 @@ from pathlib import Path
 
 import xxhash
 
-from slipstream.errors import DiskFull, FileIOError, PermissionDenied, SourceNotFound
+from slipstream.errors import (
+    DiskFull,
+    DocrootViolation,
+    FileIOError,
+    PermissionDenied,
+    SourceNotFound,
+)
 
 CHUNK_BLOCKS = 64  # blocks per read syscall on the sender; ~90 KB at the default size
 CACHED_CHUNKS = 4
@@ -109,11 +117,65 @@ class _FdCache:
         self._fds.clear()
 
 
-def os_error_to_slipstream(exc: OSError, path: Path, action: str) -> Exception:
-    """Turn an OSError into the typed error a user can act on."""
-    import errno
+# --- the receiver's files: never through a symbolic link -------------------------------------
 
+
+def open_nofollow(path: Path | str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link as the last component of ``path``.
+
+    Every file a receiver creates, writes or truncates (``NAME.partial``, the checkpoint
+    sidecars, a split file's ``.ranges`` record, decrypted temporaries) is opened through
+    this, so a link left in the destination under one of those names (``X.partial`` -> a
+    file outside the docroot) fails the open with ELOOP instead of being written through;
+    :func:`os_error_to_slipstream` turns that ELOOP into :class:`DocrootViolation` naming
+    the link. The folders above are the resolver's business (engine/paths.py keeps them
+    inside the docroot, links followed only while they stay inside).
+    """
+    return os.open(path, flags | os.O_NOFOLLOW, mode)
+
+
+def truncate_nofollow(path: Path | str, size: int) -> None:
+    """``os.truncate`` (which follows links) for a receiver's file: the same refusal as
+    :func:`open_nofollow`. The file must exist."""
+    fd = open_nofollow(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise the ELOOP :func:`open_nofollow` would if ``path`` is a symbolic link (for a
+    receiver's file that is looked at, or read, before it is opened for writing)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+
+
+def symlink_refused(name: str, action: str = "write") -> DocrootViolation:
+    """The error for a receiver's file that turned out to be a symbolic link. Only the
+    file's name appears: on a server the message goes to the peer, which must not learn
+    the server's layout."""
+    return DocrootViolation(
+        f"{name} is a symbolic link: refused to {action} through it",
+        internal_message=f"{name}: a symbolic link where a receiver's own file belongs "
+        "(opened with O_NOFOLLOW)",
+    )
+
+
+def os_error_to_slipstream(exc: OSError, path: Path, action: str) -> Exception:
+    """Turn an OSError into the typed error a user can act on.
+
+    ELOOP (a symbolic link refused by :func:`open_nofollow`) names the link itself, from
+    the error's file name, whatever ``path`` the caller reports the file under."""
     where = f"{action} {path}"
+    if exc.errno == errno.ELOOP:
+        named = isinstance(exc.filename, str | bytes) and exc.filename
+        name = os.path.basename(os.fsdecode(exc.filename)) if named else path.name
+        return symlink_refused(name, action)
     if exc.errno == errno.ENOENT:
         return SourceNotFound(f"No such file: {path}", internal_message=f"{where}: {exc}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -262,7 +324,7 @@ class FileBlockSink:
     def _open(self, file_id: int) -> int:
         path = self._files[file_id].partial
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            return open_nofollow(path, os.O_WRONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise os_error_to_slipstream(exc, path, "write") from exc
 

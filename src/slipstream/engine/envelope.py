@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from slipstream.engine.blockio import open_nofollow, os_error_to_slipstream
 from slipstream.errors import BadPassphrase, ContentProtectionError, FileIOError, UsageError
 
 MAGIC = b"SLIPENV1"
@@ -309,7 +310,10 @@ def _convert(src: Path, dst: Path, work: Callable[[int, int], int]) -> int:
     tmp = dst.with_name(dst.name + ".slipstream-tmp")
     fd_in = os.open(src, os.O_RDONLY)
     try:
-        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd_out = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise os_error_to_slipstream(exc, tmp, "write") from exc
         try:
             size = work(fd_in, fd_out)
         except BaseException:

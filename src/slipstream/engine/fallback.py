@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slipstream.engine.blockio import new_digest, os_error_to_slipstream
+from slipstream.engine.blockio import new_digest, open_nofollow, os_error_to_slipstream
 from slipstream.engine.digests import (
     FileDigests,
     Reader,
@@ -843,7 +843,7 @@ class _Downloader(_HttpJob):
             )
         else:
             remove_checkpoint(partial)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = open_nofollow(partial, os.O_WRONLY | os.O_CREAT, 0o644)
         position = offset
         try:
             os.ftruncate(fd, offset)  # anything past the trusted prefix goes

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slipstream.engine.blockio import FileSlot
+from slipstream.engine.blockio import FileSlot, open_nofollow
 from slipstream.engine.digests import (
     FileDigests,
     checksum_algorithm,
@@ -198,7 +198,7 @@ def size_shared_partial(partial: Path, size: int) -> None:
     the order they come in does not matter; a stale partial keeps its bytes, and each range
     is rewritten unless its own checkpoint vouches for it.
     """
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = open_nofollow(partial, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
@@ -237,7 +237,7 @@ def _decrypt(incoming: IncomingFile, options: ReceiveOptions) -> Path:
     plain = incoming.partial.with_name(incoming.partial.name + DECRYPT_SUFFIX)
     src = os.open(incoming.partial, os.O_RDONLY)
     try:
-        dst = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        dst = open_nofollow(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             decrypt_fd(src, dst, options.keyring, incoming.rel_path)
         except BaseException:
@@ -255,10 +255,10 @@ def _apply_times(path: Path, incoming: IncomingFile, options: ReceiveOptions) ->
     source_atime = incoming.atime_ns if options.preserve_atime else None
     if not keep_mtime and source_atime is None:
         return
-    current = os.stat(path)
+    current = os.lstat(path)
     atime = source_atime if source_atime is not None else current.st_atime_ns
     mtime = incoming.mtime_ns if keep_mtime else current.st_mtime_ns
-    os.utime(path, ns=(atime, mtime))
+    os.utime(path, ns=(atime, mtime), follow_symlinks=False)  # stamps no link's target
 
 
 def _save_existing(final: Path) -> Path | None:

@@ -26,6 +26,7 @@ took, which ranges are verified, and who renames.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -37,6 +38,7 @@ from typing import Any, TypeVar
 
 import xxhash
 
+from slipstream.engine.blockio import open_nofollow, refuse_symlink
 from slipstream.errors import FileIOError
 
 CKPT_SUFFIX = ".slipstream-ckpt"
@@ -114,13 +116,28 @@ class CheckpointRecord:
 
 
 def read_checkpoint(partial: Path, piece_offset: int | None = None) -> CheckpointRecord | None:
-    """The sidecar of ``partial`` if it is intact and the partial really holds its prefix."""
+    """The sidecar of ``partial`` if it is intact and the partial really holds its prefix.
+
+    Every receiver asks this before it places a file, so it is also where a symbolic link
+    in place of the partial or of the sidecar is refused: OSError ELOOP (DocrootViolation
+    through ``os_error_to_slipstream``), before anything reads or writes through it.
+    """
+    refuse_symlink(partial)
     try:
-        with open(checkpoint_path(partial, piece_offset), "rb") as handle:
-            record = CheckpointRecord.decode(handle.read(RECORD_SIZE * 2))
-        partial_size = partial.stat().st_size
+        fd = open_nofollow(checkpoint_path(partial, piece_offset), os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise
+        return None
+    try:
+        record = CheckpointRecord.decode(os.read(fd, RECORD_SIZE * 2))
+        partial_size = os.lstat(partial).st_size
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if record is None or partial_size < record.good:
         return None  # the partial was cut short behind our back
     return record
@@ -153,7 +170,7 @@ class CheckpointWriter:
     ) -> None:
         self.path = checkpoint_path(partial, piece_offset)
         self._source = source
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # Two sessions writing one partial would interleave two sources: the second
             # one is refused (the kernel drops the lock when a process dies, even by -9).
@@ -401,7 +418,7 @@ class RangeRecord:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield fd

@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from slipstream import __version__
-from slipstream.engine.blockio import os_error_to_slipstream
+from slipstream.engine.blockio import open_nofollow, os_error_to_slipstream
 from slipstream.engine.digests import checksum_algorithm, digest_path, range_sums_of_path
 from slipstream.engine.disposition import MirrorTracker
 from slipstream.engine.envelope import HEADER_SIZE
@@ -512,7 +512,7 @@ class FallbackServer:
         else:
             remove_checkpoint(incoming.partial)
         try:
-            fd = os.open(incoming.partial, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = open_nofollow(incoming.partial, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.ftruncate(fd, offset)  # anything past the trusted prefix goes
             finally:
@@ -546,7 +546,7 @@ class FallbackServer:
     ) -> int:
         incoming = upload.incoming
         try:
-            fd = os.open(incoming.partial, os.O_WRONLY)
+            fd = open_nofollow(incoming.partial, os.O_WRONLY)
         except OSError as exc:
             raise _os_error(exc, incoming.rel_path, "write") from None
         position = start
