@@ -1,8 +1,8 @@
 """The sending side's file semantics: what a FILE announcement carries, envelopes made on the
 fly, whole-file digests computed off the event loop, and names hidden from the server.
 
-:class:`SendDriver` (engine/session.py) runs the control exchange; this module holds the parts
-that do not need the control channel, so they can be tested alone.
+:class:`SendDriver` (engine/send_driver.py) runs the control exchange; this module holds the
+parts that do not need the control channel, so they can be tested alone.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a receiver does with an announced file that already exists: one rule, every transport.
 
-The UDP receiver (``RecvDriver`` in engine/session.py) and both ends of the HTTPS fallback
+The UDP receiver (``RecvDriver``, engine/recv_driver.py) and both ends of the HTTPS fallback
 (engine/fallback.py receives downloads, server/fallback.py uploads) call :func:`skip_reason`
 and nothing else, so ``overwrite`` and ``resume`` mean the same whichever transport carries
 the bytes; the fallback continues partial files with :func:`resume_offset`, the rule of

@@ -15,21 +15,19 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from slipstream.engine.control_stream import ControlStream
+from slipstream.engine.driver import CoreWatch
+from slipstream.engine.incoming import ReceiveOptions
 from slipstream.engine.livecontrol import ServerRate
 from slipstream.engine.multisession import select_share
+from slipstream.engine.outgoing import SendOptions
 from slipstream.engine.pathmemory import PathMemory, resume_path
 from slipstream.engine.paths import DestinationResolver, SourceEntry
+from slipstream.engine.recv_driver import RecvDriver
 from slipstream.engine.selection import LeftOut, select_sources
 from slipstream.engine.semantics import changes_sources, check_file_semantics, session_metadata
-from slipstream.engine.session import (
-    ControlStream,
-    ReceiveOptions,
-    RecvDriver,
-    SendDriver,
-    SendOptions,
-    SessionTotals,
-    _CoreWatch,
-)
+from slipstream.engine.send_driver import SendDriver
+from slipstream.engine.totals import SessionTotals
 from slipstream.engine.wiring import (
     FEATURES,
     RateSettings,
@@ -143,7 +141,7 @@ class SessionManager:
             self.budget.share_kbps(extra=1),
         )
         params = _session_params(spec, opened, peer[0], port, ipv6=":" in host, rate=rate)
-        watch = _CoreWatch()
+        watch = CoreWatch()
         driver: SendDriver | RecvDriver
         if spec.direction == "send":  # the client uploads: we receive
             resolver = _docroot_destination(user, spec)

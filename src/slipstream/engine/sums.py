@@ -1,0 +1,80 @@
+"""Comparing content across the link: SUMS_REQ and SUMS.
+
+Where the overwrite or resume policy compares content, the receiver asks the sender for
+checksums of a few byte ranges (``SUMS_REQ {id, ranges}``) and compares them with its own
+(:class:`SumsExchange`); the sender checks the ranges (:func:`parse_ranges`) and answers
+``SUMS {id, sums}``. The HTTPS fallback asks the same question over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from slipstream.engine.control_stream import ControlStream
+from slipstream.engine.digests import range_sums_of_path, total_length
+from slipstream.engine.driver import INLINE_HASH_LIMIT
+from slipstream.engine.envelope import HEADER_SIZE
+from slipstream.errors import ProtocolError
+from slipstream.protocol import control
+
+__all__ = ["SumsExchange", "parse_ranges", "sums_of_path"]
+
+
+def parse_ranges(raw: Any, size: int) -> list[tuple[int, int]]:
+    """Byte ranges from a peer: a short list of in-bounds (offset, length) pairs."""
+    if not isinstance(raw, list) or len(raw) > 64:
+        raise ProtocolError("Malformed checksum request", origin="remote")
+    ranges: list[tuple[int, int]] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+            raise ProtocolError("Malformed checksum range", origin="remote")
+        offset, length = item
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ProtocolError("Checksum range outside the file", origin="remote")
+        ranges.append((offset, length))
+    return ranges
+
+
+async def sums_of_path(path: Path, ranges: list[tuple[int, int]]) -> list[str]:
+    """Checksums of ``ranges`` of the file at ``path``: on the loop when short, else in a
+    thread."""
+    if total_length(ranges) <= INLINE_HASH_LIMIT:
+        return range_sums_of_path(path, ranges)
+    return await asyncio.to_thread(range_sums_of_path, path, ranges)
+
+
+class SumsExchange:
+    """The receiver's half: asks the sender for checksums and waits for its SUMS."""
+
+    def __init__(self, ctl: ControlStream, *, encrypted_upload: bool) -> None:
+        self._ctl = ctl
+        self._encrypted_upload = encrypted_upload
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    async def same_content(self, file_id: int, path: Path, ranges: list[tuple[int, int]]) -> bool:
+        """Ask the sender for checksums of ``ranges`` and compare them with ``path``'s.
+
+        For an encrypted upload the request carries the stored envelope's header, so the
+        sender produces the same envelope (and can continue it) if its passphrase opens it.
+        """
+        fields: dict[str, Any] = {"id": file_id, "ranges": [list(r) for r in ranges]}
+        if self._encrypted_upload:
+            with open(path, "rb") as handle:
+                header = handle.read(HEADER_SIZE)
+            if len(header) < HEADER_SIZE:
+                return False
+            fields["env_header"] = header.hex()
+        reply = asyncio.get_running_loop().create_future()
+        self._waiting[file_id] = reply
+        self._ctl.send_nowait(control.SUMS_REQ, **fields)
+        ours = await sums_of_path(path, ranges)
+        answer = await reply
+        return "error" not in answer and answer.get("sums") == ours
+
+    def on_sums(self, msg: dict[str, Any]) -> None:
+        """The sender's answer (SUMS) to one of our requests."""
+        waiter = self._waiting.pop(int(msg["id"]), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
