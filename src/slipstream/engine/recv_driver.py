@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slipstream.engine.blockio import FileBlockSink, FileSlot
+from slipstream.engine.blockio import FileBlockSink, FileSlot, truncate_nofollow
 from slipstream.engine.control_stream import ControlStream
 from slipstream.engine.disposition import MirrorTracker
 from slipstream.engine.driver import Emit, as_error, until_done_or_failed
@@ -380,9 +380,9 @@ class RecvDriver(RecvFinisher):
             if piece_at is not None:
                 size_shared_partial(incoming.partial, incoming.size)
             elif offset:
-                os.truncate(incoming.partial, incoming.size)  # drop anything past the end
+                truncate_nofollow(incoming.partial, incoming.size)  # drop anything past the end
             elif truncate:
-                os.truncate(incoming.partial, 0)  # a stale partial: its content is not trusted
+                truncate_nofollow(incoming.partial, 0)  # a stale partial: content not trusted
                 remove_split_sidecars(incoming.partial)  # nor are a split run's ranges
         except OSError:
             self._checkpoints.close(incoming)

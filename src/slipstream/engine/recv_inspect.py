@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from slipstream.engine.blockio import refuse_symlink
 from slipstream.engine.envelope import EnvelopeHeader, Keyring
 from slipstream.engine.incoming import IncomingFile, ReceiveOptions
 from slipstream.engine.paths import DestinationResolver
@@ -79,6 +80,8 @@ def inspect_destination(
     if final_st is not None and final_st.st_mode & 0o170000 == 0o040000:
         raise PathError(f"{incoming.dest_rel}: a folder is in the way of this file")
     partial = os.path.lexists(incoming.partial)
+    if partial:
+        refuse_symlink(incoming.partial)  # a planted link: never read, sized or written
     at = incoming.start if incoming.piece is not None else None
     record = read_checkpoint(incoming.partial, at) if partial else None
     return OnDisk(final_st, partial, record)
