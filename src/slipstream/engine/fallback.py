@@ -48,6 +48,7 @@ from slipstream.engine.envelope import (
     EnvelopeView,
     plain_file_reader,
 )
+from slipstream.engine.events import add_checksum
 from slipstream.engine.incoming import (
     FinishResult,
     IncomingFile,
@@ -77,7 +78,8 @@ from slipstream.engine.resume import (
 )
 from slipstream.engine.selection import LeftOut, iterate_in_thread
 from slipstream.engine.semantics import session_metadata
-from slipstream.engine.session import SessionTotals, _add_checksum, _parse_ranges
+from slipstream.engine.sums import parse_ranges
+from slipstream.engine.totals import SessionTotals
 from slipstream.errors import (
     BadPassphrase,
     ChecksumMismatch,
@@ -463,7 +465,7 @@ class _Uploader(_HttpJob):
             "digest": digests.digest,
             **sending.stored_field(),
         }
-        _add_checksum(event, self.options.checksum, digests.checksum)
+        add_checksum(event, self.options.checksum, digests.checksum)
         if offset:
             event["resumed_from"] = offset
         self._emit(event)
@@ -486,7 +488,7 @@ class _Uploader(_HttpJob):
     async def _range_sums(
         self, sending: _Sending, target: str, request: dict[str, Any]
     ) -> dict[str, Any]:
-        ranges = _parse_ranges(request.get("ranges"), sending.size)
+        ranges = parse_ranges(request.get("ranges"), sending.size)
         wire = [list(r) for r in ranges]
         try:
             if self.options.keyring is not None:
@@ -885,7 +887,7 @@ class _Downloader(_HttpJob):
             "digest": result.digests.digest,
             "file": str(incoming.final),
         }
-        _add_checksum(event, self.options.checksum, result.digests.checksum)
+        add_checksum(event, self.options.checksum, result.digests.checksum)
         if incoming.offset:
             event["resumed_from"] = incoming.offset
         if result.backup is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slipstream.engine.driver import CoreWatch
 from slipstream.engine.livecontrol import ClientLive, RateControl
 from slipstream.engine.multisession import (
     run_multi_session,
@@ -34,7 +35,6 @@ from slipstream.engine.session import (
     SendDriver,
     SendOptions,
     SessionTotals,
-    _CoreWatch,
 )
 from slipstream.engine.wiring import (
     DEFAULT_DGRAM_SIZE,
@@ -307,7 +307,7 @@ async def _data_phase(
 ) -> SessionTotals:
     loop = asyncio.get_running_loop()
     sock = DatagramSocket.bind(_udp_bind_host(peer[0]), 0)
-    watch = _CoreWatch()
+    watch = CoreWatch()
     driver: SendDriver | RecvDriver
     paths: PathMemory | None = None  # an upload's sender remembers the path (pathmemory.py)
     cwd = options.cwd or Path.cwd()
@@ -365,7 +365,7 @@ async def _data_phase(
 
 
 async def _handshake_watchdog(
-    watch: _CoreWatch, peer: tuple[str, int], timeout: float, sock: DatagramSocket
+    watch: CoreWatch, peer: tuple[str, int], timeout: float, sock: DatagramSocket
 ) -> None:
     try:
         await asyncio.wait_for(watch.handshake.wait(), timeout)

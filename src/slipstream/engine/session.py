@@ -63,8 +63,3 @@ __all__ = [
     "parse_ranges",
     "rate_change_kwargs",
 ]
-
-# The old private spellings, still imported by engine/job.py and the HTTPS fallbacks.
-_CoreWatch = CoreWatch
-_add_checksum = add_checksum
-_parse_ranges = parse_ranges

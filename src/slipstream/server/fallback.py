@@ -67,7 +67,7 @@ from slipstream.engine.resume import (
     remove_checkpoint,
 )
 from slipstream.engine.selection import LeftOut, select_sources
-from slipstream.engine.session import _parse_ranges
+from slipstream.engine.sums import parse_ranges
 from slipstream.engine.wiring import destination_for_spec
 from slipstream.errors import (
     AuthenticationError,
@@ -694,7 +694,7 @@ class FallbackServer:
         session = self._session(request, "receive")
         _, entry = self._entry(session, request)
         body = await json_body(request)
-        ranges = _parse_ranges(body.get("ranges"), entry.size)
+        ranges = parse_ranges(body.get("ranges"), entry.size)
         try:
             sums = await asyncio.to_thread(range_sums_of_path, entry.local_path, ranges)
         except OSError as exc:
