@@ -33,22 +33,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slipstream.engine.blockio import new_digest, open_nofollow, os_error_to_slipstream
+from slipstream.engine.blockio import new_digest, open_nofollow
 from slipstream.engine.digests import (
     FileDigests,
     Reader,
     path_reader,
-    range_sums,
     range_sums_of_path,
 )
 from slipstream.engine.disposition import MirrorTracker
+from slipstream.engine.driver import as_error
 from slipstream.engine.envelope import (
     ChunkCipher,
     EnvelopeHeader,
     EnvelopeView,
     plain_file_reader,
 )
-from slipstream.engine.events import add_checksum
+from slipstream.engine.events import add_checksum, file_done_event
 from slipstream.engine.incoming import (
     FinishResult,
     IncomingFile,
@@ -78,7 +78,7 @@ from slipstream.engine.resume import (
 )
 from slipstream.engine.selection import LeftOut, iterate_in_thread
 from slipstream.engine.semantics import session_metadata
-from slipstream.engine.sums import parse_ranges
+from slipstream.engine.sums import envelope_sums, open_peer_envelope, parse_ranges
 from slipstream.engine.totals import SessionTotals
 from slipstream.errors import (
     BadPassphrase,
@@ -247,16 +247,6 @@ def prefix_record(partial: Path, source: FileIdentity) -> CheckpointRecord | Non
     if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size < source.size:
         return None
     return CheckpointRecord(source.size, source.mtime_ns, st.st_size)
-
-
-def _as_error(exc: BaseException, path: Path, action: str) -> SlipstreamError:
-    if isinstance(exc, SlipstreamError):
-        return exc
-    if isinstance(exc, OSError):
-        error = os_error_to_slipstream(exc, path, action)
-        if isinstance(error, SlipstreamError):
-            return error
-    return SlipstreamError(f"{action} {path.name}: {exc}")
 
 
 class _HttpJob:
@@ -509,23 +499,11 @@ class _Uploader(_HttpJob):
         same key makes it byte-identical, so content compares and a partial continues."""
         keyring = self.options.keyring
         assert keyring is not None
-        if not isinstance(header_hex, str):
-            raise ContentProtectionError("The server sent no envelope header to compare with")
-        header = EnvelopeHeader.decode(bytes.fromhex(header_hex), sending.stored_path)
-        if header.plain_size != sending.entry.size:
-            raise ContentProtectionError("The stored envelope is of another file version")
-        key = await asyncio.to_thread(keyring.open_header, header, sending.stored_path)
+        header, key = await open_peer_envelope(
+            keyring, header_hex, sending.entry, sending.stored_path, "server"
+        )
         sending.headers[target] = (header, key)
-
-        def compute() -> list[str]:
-            fd = os.open(sending.entry.local_path, os.O_RDONLY)
-            try:
-                view = EnvelopeView(ChunkCipher(header, key), plain_file_reader(fd))
-                return range_sums(view.read, ranges)
-            finally:
-                os.close(fd)
-
-        return await asyncio.to_thread(compute)
+        return await envelope_sums(sending.entry.local_path, header, key, ranges)
 
     # -- bytes --------------------------------------------------------------------------
 
@@ -552,7 +530,7 @@ class _Uploader(_HttpJob):
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise _as_error(exc, path, "read") from None
+            raise as_error(exc, path, "read") from None
         try:
             read = await self._reader(fd, sending, offset)
             hashing = _Hashing(self.options.checksum)
@@ -578,7 +556,7 @@ class _Uploader(_HttpJob):
                     status = await self.client.call("GET", f"/files/{file_id}/status")
                     position = int(status["received"])  # resume where the server is
         except OSError as exc:
-            raise _as_error(exc, path, "read") from None
+            raise as_error(exc, path, "read") from None
         finally:
             os.close(fd)
         return hashing.result()
@@ -678,7 +656,7 @@ class _Downloader(_HttpJob):
             self.resolver.path_for(rel, kind="dir").mkdir(parents=True, exist_ok=True)
             self.totals.dirs += 1
         except (SlipstreamError, OSError) as exc:
-            error = _as_error(exc, Path(rel), "create folder")
+            error = as_error(exc, Path(rel), "create folder")
             self.totals.errors.append(error.to_dict())
             self._emit({"type": "file_error", "path": rel, "error": error.to_dict()})
 
@@ -692,7 +670,7 @@ class _Downloader(_HttpJob):
             root = self.options.link_root or self.resolver.confinement_root()
             reason = place_link(link, target, root, policy if policy == "copy+force" else "copy")
         except (SlipstreamError, OSError) as exc:
-            error = _as_error(exc, Path(rel), "create link")
+            error = as_error(exc, Path(rel), "create link")
             self._failed(rel, error.to_dict())
             await self._report(item, {"status": "failed", "error": error.to_dict()})
             return
@@ -717,7 +695,7 @@ class _Downloader(_HttpJob):
         except (SlipstreamError, OSError) as exc:
             if isinstance(exc, NetworkError):
                 raise
-            error = _as_error(exc, Path(incoming.dest_rel), "write")
+            error = as_error(exc, Path(incoming.dest_rel), "write")
             self._failed(incoming.dest_rel, error.to_dict())
             await self._report(item, {"status": "failed", "error": error.to_dict()})
             if isinstance(error, BadPassphrase):
@@ -880,21 +858,9 @@ class _Downloader(_HttpJob):
         self.totals.files_done += 1
         self.totals.bytes_files += size
         self.totals.bytes_resumed += incoming.offset
-        event: dict[str, Any] = {
-            "type": "file_done",
-            "path": incoming.dest_rel,
-            "size": size,
-            "digest": result.digests.digest,
-            "file": str(incoming.final),
-        }
-        add_checksum(event, self.options.checksum, result.digests.checksum)
-        if incoming.offset:
-            event["resumed_from"] = incoming.offset
-        if result.backup is not None:
-            event["saved_as"] = str(result.backup)
-            if self.mirror is not None:
-                self.mirror.created.add(result.backup)
-        self._emit(event)
+        if result.backup is not None and self.mirror is not None:
+            self.mirror.created.add(result.backup)
+        self._emit(file_done_event(incoming, result, size, self.options.checksum))
 
     async def _report(self, item: dict[str, Any], body: dict[str, Any]) -> None:
         """The result, for the server's records and its source disposition."""

@@ -16,7 +16,7 @@ from typing import Any
 from slipstream.engine.control_stream import ControlStream
 from slipstream.engine.disposition import MirrorTracker
 from slipstream.engine.driver import INLINE_HASH_LIMIT, Driver, Emit, as_error
-from slipstream.engine.events import add_checksum, range_event, span_fields
+from slipstream.engine.events import file_done_event, range_event, span_fields
 from slipstream.engine.incoming import (
     FinishResult,
     IncomingFile,
@@ -106,28 +106,11 @@ class RecvFinisher(Driver):
         self.totals.bytes_resumed += incoming.offset
         if result.backup is not None and self._mirror is not None:
             self._mirror.created.add(result.backup)
-        self._emit(self._done_event(incoming, result, size))
+        self._emit(file_done_event(incoming, result, size, self._options.checksum))
         # Just the id: the digest and checksum matched the sender's own (or this would be an
         # error), and the sender knows the offset; on a lossy path every byte here counts.
         self._ctl.send_nowait(control.FILE_DONE, id=incoming.file_id)
         self._check_all_done()
-
-    def _done_event(
-        self, incoming: IncomingFile, result: FinishResult, size: int
-    ) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "type": "file_done",
-            "path": incoming.dest_rel,
-            "size": size,
-            "digest": result.digests.digest,
-            "file": str(incoming.final),
-        }
-        add_checksum(event, self._options.checksum, result.digests.checksum)
-        if incoming.offset:
-            event["resumed_from"] = incoming.offset
-        if result.backup is not None:
-            event["saved_as"] = str(result.backup)
-        return event
 
     def _piece_finished(self, incoming: IncomingFile, result: FinishResult) -> None:
         """A split file's range verified; ``result.whole``: and the file renamed by it."""

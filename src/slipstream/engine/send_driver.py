@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,9 +19,7 @@ from typing import Any
 
 from slipstream.engine.blockio import FileBlockSource, FileSlot
 from slipstream.engine.control_stream import ControlStream
-from slipstream.engine.digests import range_sums
 from slipstream.engine.driver import Driver, Emit, as_error, until_done_or_failed
-from slipstream.engine.envelope import ChunkCipher, EnvelopeHeader, EnvelopeView, plain_file_reader
 from slipstream.engine.events import add_checksum, range_event, span_fields
 from slipstream.engine.multisession import PieceEntry
 from slipstream.engine.outgoing import (
@@ -39,10 +36,9 @@ from slipstream.engine.outgoing import (
 )
 from slipstream.engine.paths import SourceEntry
 from slipstream.engine.selection import LeftOut, iterate_in_thread
-from slipstream.engine.sums import parse_ranges, sums_of_path
+from slipstream.engine.sums import envelope_sums, open_peer_envelope, parse_ranges, sums_of_path
 from slipstream.engine.totals import SessionTotals
 from slipstream.errors import (
-    ContentProtectionError,
     PeerAborted,
     ProtocolError,
     SlipstreamError,
@@ -447,23 +443,11 @@ class SendDriver(Driver):
         """
         keyring = self._options.keyring
         assert keyring is not None
-        if not isinstance(header_hex, str):
-            raise ContentProtectionError("The receiver sent no envelope header to compare with")
-        header = EnvelopeHeader.decode(bytes.fromhex(header_hex), out.stored_path)
-        if header.plain_size != out.entry.size:
-            raise ContentProtectionError("The stored envelope is of another file version")
-        key = await asyncio.to_thread(keyring.open_header, header, out.stored_path)
+        header, key = await open_peer_envelope(
+            keyring, header_hex, out.entry, out.stored_path, "receiver"
+        )
         self._peer_headers.put(file_id, (header, key))
-
-        def compute() -> list[str]:
-            fd = os.open(out.entry.local_path, os.O_RDONLY)
-            try:
-                view = EnvelopeView(ChunkCipher(header, key), plain_file_reader(fd))
-                return range_sums(view.read, ranges)
-            finally:
-                os.close(fd)
-
-        return await asyncio.to_thread(compute)
+        return await envelope_sums(out.entry.local_path, header, key, ranges)
 
 
 def rate_change_kwargs(change: dict[str, Any]) -> dict[str, Any]:

@@ -9,17 +9,56 @@ checksums of a few byte ranges (``SUMS_REQ {id, ranges}``) and compares them wit
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 from slipstream.engine.control_stream import ControlStream
-from slipstream.engine.digests import range_sums_of_path, total_length
+from slipstream.engine.digests import range_sums, range_sums_of_path, total_length
 from slipstream.engine.driver import INLINE_HASH_LIMIT
-from slipstream.engine.envelope import HEADER_SIZE
-from slipstream.errors import ProtocolError
+from slipstream.engine.envelope import (
+    HEADER_SIZE,
+    ChunkCipher,
+    EnvelopeHeader,
+    EnvelopeView,
+    Keyring,
+    plain_file_reader,
+)
+from slipstream.errors import ContentProtectionError, ProtocolError
 from slipstream.protocol import control
 
-__all__ = ["SumsExchange", "parse_ranges", "sums_of_path"]
+__all__ = ["SumsExchange", "envelope_sums", "open_peer_envelope", "parse_ranges", "sums_of_path"]
+
+
+async def open_peer_envelope(
+    keyring: Keyring, header_hex: Any, entry: Any, stored_path: str, peer: str
+) -> tuple[EnvelopeHeader, Any]:
+    """The header and key of the envelope the ``peer`` already stores for ``entry`` (a
+    SourceEntry), opened with our passphrase: re-using them makes our envelope
+    byte-identical to it, so content can be compared and a partial continued."""
+    if not isinstance(header_hex, str):
+        raise ContentProtectionError(f"The {peer} sent no envelope header to compare with")
+    header = EnvelopeHeader.decode(bytes.fromhex(header_hex), stored_path)
+    if header.plain_size != entry.size:
+        raise ContentProtectionError("The stored envelope is of another file version")
+    key = await asyncio.to_thread(keyring.open_header, header, stored_path)
+    return header, key
+
+
+async def envelope_sums(
+    path: Path, header: EnvelopeHeader, key: Any, ranges: list[tuple[int, int]]
+) -> list[str]:
+    """Checksums of ``ranges`` of the envelope of the plain file ``path`` under ``header``."""
+
+    def compute() -> list[str]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            view = EnvelopeView(ChunkCipher(header, key), plain_file_reader(fd))
+            return range_sums(view.read, ranges)
+        finally:
+            os.close(fd)
+
+    return await asyncio.to_thread(compute)
 
 
 def parse_ranges(raw: Any, size: int) -> list[tuple[int, int]]:

@@ -165,30 +165,14 @@ async def _open_control(
 ) -> ControlChannel:
     """The control stream: the one-round-trip channel, else the ``slipstream`` subsystem."""
     try:
-        reader, writer = await asyncio.wait_for(
-            conn.open_connection(*CONTROL_DESTINATION, encoding=None), timeout
-        )
-    except asyncssh.ChannelOpenError:
-        return await _open_subsystem(conn, where, fp, timeout)
-    except (OSError, asyncssh.Error) as exc:  # TimeoutError is an OSError
-        conn.close()
-        reason = str(exc) or type(exc).__name__
-        raise ConnectError(
-            f"SSH connection to {where} failed opening the channel: {reason}"
-        ) from None
-    except BaseException:  # cancelled: do not leak the connection
-        conn.close()
-        raise
-    return ControlChannel(conn, reader, writer, fp)
-
-
-async def _open_subsystem(
-    conn: asyncssh.SSHClientConnection, where: str, fp: str, timeout: float
-) -> ControlChannel:
-    try:
-        writer, reader, _stderr = await asyncio.wait_for(
-            conn.open_session(subsystem=SUBSYSTEM, encoding=None), timeout
-        )
+        try:
+            reader, writer = await asyncio.wait_for(
+                conn.open_connection(*CONTROL_DESTINATION, encoding=None), timeout
+            )
+        except asyncssh.ChannelOpenError:  # an older server: the subsystem
+            writer, reader, _stderr = await asyncio.wait_for(
+                conn.open_session(subsystem=SUBSYSTEM, encoding=None), timeout
+            )
     except asyncssh.ChannelOpenError as exc:
         conn.close()
         raise UnsupportedError(
