@@ -143,6 +143,18 @@ def connection_spec(server: ServerHandle, **fields: Any) -> dict[str, Any]:
     }
 
 
+def over_https(server: ServerHandle, **fields: Any) -> dict[str, Any]:
+    """``connection_spec`` forced onto the server's HTTPS fallback."""
+    info = server.info
+    return connection_spec(
+        server,
+        http_fallback="force",
+        https_fallback_port=info["fallback_port"],
+        https_fallback_fingerprint=info["https_fallback_fingerprint"],
+        **fields,
+    )
+
+
 def password_env(server: ServerHandle) -> dict[str, str]:
     return {"SLIPSTREAM_PASSWORD": server.info["password"]}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import os
 import re
 import time
@@ -22,16 +21,9 @@ import pytest
 from slipstream.engine.job import ClientOptions, TransferResult, transfer
 from slipstream.engine.resume import CheckpointWriter, FileIdentity, checkpoint_path
 from slipstream.errors import SlipstreamError
-from tests.conftest import ServerHandle, connection_spec, start_quickstart
+from tests.conftest import ServerHandle, over_https, start_quickstart
 from tests.e2e.test_file_semantics import (
-    HALF,
-    OVERWRITES,
-    RESUMES,
-    STATES,
-    _matrix_destination,
-    _matrix_sources,
     by_path,
-    expected,
 )
 
 PASSPHRASE = "correct horse battery staple"
@@ -62,17 +54,6 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
         handle.stop()
 
 
-def over_https(server: ServerHandle, **fields: Any) -> dict[str, Any]:
-    info = server.info
-    return connection_spec(
-        server,
-        http_fallback="force",
-        https_fallback_port=info["fallback_port"],
-        https_fallback_fingerprint=info["https_fallback_fingerprint"],
-        **fields,
-    )
-
-
 def http(
     server: ServerHandle, cwd: Path, **fields: Any
 ) -> tuple[TransferResult, list[dict[str, Any]]]:
@@ -82,40 +63,6 @@ def http(
     result = asyncio.run(transfer(spec, events.append, ClientOptions(cwd=cwd)))
     assert result.transport == "http"
     return result, events
-
-
-# --- resume x overwrite (the UDP matrix, over HTTPS) --------------------------------------------
-
-
-@pytest.mark.parametrize(("overwrite", "resume"), list(itertools.product(OVERWRITES, RESUMES)))
-def test_resume_overwrite_matrix_over_https(
-    shared: ServerHandle, tmp_path: Path, overwrite: str, resume: str
-) -> None:
-    sources = _matrix_sources(tmp_path / "m")
-    folder = f"matrix-{overwrite}-{resume}"
-    dest = shared.docroot / folder / "m"
-    before = _matrix_destination(dest, sources)
-    result, events = http(
-        shared,
-        tmp_path,
-        direction="send",
-        paths=[{"source": "m"}],
-        destination_root=f"/{folder}",
-        overwrite=overwrite,
-        resume=resume,
-    )
-    done, skipped = by_path(events, "file_done"), by_path(events, "file_skipped")
-    for state in STATES:
-        path, outcome = f"m/{state}.bin", expected(overwrite, resume, state)
-        assert (path in done, path in skipped) == (outcome == "done", outcome == "skipped"), state
-        on_disk = (dest / f"{state}.bin").read_bytes()
-        assert on_disk == (sources[state] if outcome == "done" else before[state]), state
-    # The checkpoint the UDP path left is honoured: only the rest travels.
-    resumed = done["m/partial.bin"].get("resumed_from")
-    assert resumed == (None if resume == "none" else HALF)
-    assert result.totals.files_skipped == len(skipped)
-    assert result.totals.files_done == len(done) and result.ok
-    assert not list(dest.glob("*.partial*"))
 
 
 def test_download_resumes_and_skips_on_the_client(shared: ServerHandle, tmp_path: Path) -> None:

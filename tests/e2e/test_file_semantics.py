@@ -29,6 +29,7 @@ from tests.conftest import (
     cli,
     connect_args,
     connection_spec,
+    over_https,
     password_env,
     start_quickstart,
 )
@@ -51,10 +52,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
 
 
 def api(
-    server: ServerHandle, cwd: Path, **fields: Any
+    server: ServerHandle, cwd: Path, spec_for: Any = connection_spec, **fields: Any
 ) -> tuple[TransferResult, list[dict[str, Any]]]:
     """One transfer through the Python API; returns the result and every event."""
-    spec = connection_spec(server, **fields)
+    spec = spec_for(server, **fields)
     events: list[dict[str, Any]] = []
     result = asyncio.run(transfer(spec, events.append, ClientOptions(cwd=cwd)))
     return result, events
@@ -133,17 +134,22 @@ def _matrix_destination(dest: Path, sources: dict[str, bytes]) -> dict[str, byte
     return before
 
 
+@pytest.mark.parametrize("transport", ["fasp", "http"])
 @pytest.mark.parametrize(("overwrite", "resume"), list(itertools.product(OVERWRITES, RESUMES)))
 def test_resume_overwrite_matrix(
-    shared: ServerHandle, tmp_path: Path, overwrite: str, resume: str
+    shared: ServerHandle, tmp_path: Path, overwrite: str, resume: str, transport: str
 ) -> None:
+    """Every pair, over UDP and over the HTTPS fallback (the same rules, the same result;
+    over HTTPS the checkpoint a UDP run left is honoured too)."""
     sources = _matrix_sources(tmp_path / "m")
-    folder = f"matrix-{overwrite}-{resume}"
+    folder = f"matrix-{overwrite}-{resume}-{transport}"
     dest = shared.docroot / folder / "m"
     before = _matrix_destination(dest, sources)
+    via = over_https if transport == "http" else connection_spec
     result, events = api(
         shared,
         tmp_path,
+        spec_for=via,
         direction="send",
         paths=[{"source": "m"}],
         destination_root=f"/{folder}",
@@ -160,6 +166,7 @@ def test_resume_overwrite_matrix(
     assert resumed == (None if resume == "none" else HALF)
     assert result.totals.files_skipped == len(skipped)
     assert result.totals.files_done == len(done) and result.ok
+    assert result.transport == transport
     assert not list(dest.glob("*.partial*"))
 
 
