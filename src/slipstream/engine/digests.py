@@ -38,20 +38,43 @@ class FileDigests:
     checksum: str | None = None  # hex, when a checksum algorithm was asked for
 
 
+class RunningDigests:
+    """The digest (and checksum) of a file's bytes from ``start`` on, fed in order.
+
+    ``position`` is the file offset hashed up to. :func:`digest_reader` is this fed in one
+    pass; a receiver feeds it piecewise while the file arrives (engine/prefix_hash.py).
+    Either way the bytes and their order are the same, so the digests are too.
+    """
+
+    def __init__(self, algorithm: str | None, start: int = 0) -> None:
+        self.position = start
+        self._hasher = new_digest()
+        self._extra = hashlib.new(algorithm) if algorithm else None
+
+    def feed(self, read: Reader, upto: int, stop: Callable[[], bool] | None = None) -> None:
+        """Hash ``[position, upto)`` served by ``read`` (file offsets), a chunk at a time;
+        ``stop`` is asked between chunks and ends the pass early when true."""
+        while self.position < upto:
+            if stop is not None and stop():
+                return
+            data = read(self.position, min(READ_CHUNK, upto - self.position))
+            if not data:
+                raise OSError(f"short read at {self.position} of {upto}")
+            self._hasher.update(data)
+            if self._extra is not None:
+                self._extra.update(data)
+            self.position += len(data)
+
+    def result(self) -> FileDigests:
+        checksum = self._extra.hexdigest() if self._extra is not None else None
+        return FileDigests(self._hasher.hexdigest(), checksum)
+
+
 def digest_reader(read: Reader, size: int, algorithm: str | None) -> FileDigests:
     """Digest (and checksum) of ``size`` bytes served by ``read``, in one sequential pass."""
-    hasher = new_digest()
-    extra = hashlib.new(algorithm) if algorithm else None
-    position = 0
-    while position < size:
-        data = read(position, min(READ_CHUNK, size - position))
-        if not data:
-            raise OSError(f"short read at {position} of {size}")
-        hasher.update(data)
-        if extra is not None:
-            extra.update(data)
-        position += len(data)
-    return FileDigests(hasher.hexdigest(), extra.hexdigest() if extra is not None else None)
+    running = RunningDigests(algorithm)
+    running.feed(read, size)
+    return running.result()
 
 
 def digest_path(path: Path, algorithm: str | None) -> FileDigests:

@@ -55,6 +55,7 @@ from slipstream.engine.incoming import (
     ReceiveOptions,
     discard_partial,
     finish_file,
+    hash_while_arriving,
     place_link,
 )
 from slipstream.engine.outgoing import (
@@ -827,6 +828,9 @@ class _Downloader(_HttpJob):
         position = offset
         try:
             os.ftruncate(fd, offset)  # anything past the trusted prefix goes
+            if incoming.checkpoint is not None:
+                # Written in order, never twice: hashed behind the writes, as over UDP.
+                hash_while_arriving(incoming, self.options)
 
             async def write(chunk: bytes) -> None:
                 nonlocal position
@@ -837,6 +841,8 @@ class _Downloader(_HttpJob):
                 self.moved += len(chunk)
                 if incoming.checkpoint is not None:
                     incoming.checkpoint.write(position)
+                if incoming.prefix_hash is not None:
+                    incoming.prefix_hash.request(position)  # hashed in a worker thread
                 await self.pacer.take(len(chunk))
 
             chunk_size = self.pacer.chunk_size(READ_CHUNK)
@@ -847,6 +853,8 @@ class _Downloader(_HttpJob):
             os.close(fd)
             if incoming.checkpoint is not None:
                 incoming.checkpoint.close()
+            if incoming.prefix_hash is not None:
+                incoming.prefix_hash.stop()  # the finish takes it over
         if position != size:
             raise FileIOError(
                 f"{incoming.rel_path}: the server sent {position} of {size} bytes "

@@ -4,7 +4,8 @@ Finishing is the only step that gives a file its final name, and it does so only
 digest of the whole received file matched the sender's. Everything else a received file can
 need (decryption, timestamps, saving the old version, the checksum the user asked for)
 happens on the way, in :func:`finish_file`, which is plain blocking code so the driver can run
-it inline for small files and in a thread for big ones.
+it inline for small files and in a thread for big ones. Big files were mostly hashed while
+they arrived (:func:`hash_while_arriving`, engine/prefix_hash.py): the finish reads the tail.
 
 One range of a split file (multi_session_threshold) is finished by :func:`finish_piece`: it
 verifies the range alone, and only the range that completes the file renames it.
@@ -18,17 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.engine.blockio import FileSlot, open_nofollow
-from slipstream.engine.digests import (
-    FileDigests,
-    checksum_algorithm,
-    digest_path,
-    digest_reader,
-    path_reader,
-)
+from slipstream.engine.digests import FileDigests, checksum_algorithm, digest_path
 from slipstream.engine.disposition import backup_name
 from slipstream.engine.envelope import DEFAULT_EXTENSION, Keyring, decrypt_fd
 from slipstream.engine.multisession import session_job
 from slipstream.engine.paths import resolve_in_docroot
+from slipstream.engine.prefix_hash import PrefixHash
 from slipstream.engine.resume import (
     CheckpointWriter,
     FileIdentity,
@@ -121,6 +117,7 @@ class IncomingFile:
     finishing: bool = False
     plain_size: int | None = None  # an envelope's plaintext size, once its header is open
     piece: tuple[int, int] | None = None  # a split file's range: (offset, length)
+    prefix_hash: PrefixHash | None = None  # big files: hashed while they arrive
 
     @property
     def decrypt(self) -> bool:
@@ -147,9 +144,24 @@ class FinishResult:
     ranges: tuple[tuple[int, int, str], ...] = ()  # a split file's ranges, when whole
 
 
+def hash_while_arriving(incoming: IncomingFile, options: ReceiveOptions) -> None:
+    """Give ``incoming`` a running digest of its good prefix (engine/prefix_hash.py), from
+    its first byte (a resumed file's prefix too) or its range's: the finish then hashes
+    only what the background passes have not reached."""
+    algorithm = None if incoming.piece is not None else options.checksum
+    incoming.prefix_hash = PrefixHash(incoming.partial, algorithm, incoming.start)
+
+
+def received_digests(incoming: IncomingFile, options: ReceiveOptions) -> FileDigests:
+    """The digests of the whole received file (its partial copy). Blocking."""
+    if incoming.prefix_hash is not None:
+        return incoming.prefix_hash.finish()
+    return digest_path(incoming.partial, options.checksum)
+
+
 def finish_file(incoming: IncomingFile, options: ReceiveOptions) -> FinishResult:
     """Verify, (decrypt,) stamp and rename a completely received file. Blocking."""
-    digests = digest_path(incoming.partial, options.checksum)
+    digests = received_digests(incoming, options)
     _verify(incoming, digests)
     ready = incoming.partial
     if incoming.decrypt:
@@ -174,12 +186,7 @@ def finish_piece(incoming: IncomingFile, options: ReceiveOptions) -> FinishResul
     renames and cleans up; the others leave the partial to it.
     """
     start, length = incoming.start, incoming.end - incoming.start
-    fd = os.open(incoming.partial, os.O_RDONLY)
-    try:
-        read = path_reader(fd)
-        digests = digest_reader(lambda offset, n: read(start + offset, n), length, None)
-    finally:
-        os.close(fd)
+    digests = _range_digests(incoming)
     _verify(incoming, digests)
     settled = incoming.range_record(options.job).settle(start, length, digests.digest)
     if not settled.last:
@@ -188,6 +195,12 @@ def finish_piece(incoming: IncomingFile, options: ReceiveOptions) -> FinishResul
     remove_split_sidecars(incoming.partial)
     remove_checkpoint(incoming.partial)  # an unsplit earlier run's, if any
     return FinishResult(digests, backup, ranges=settled.ranges)
+
+
+def _range_digests(incoming: IncomingFile) -> FileDigests:
+    """The digest of a split file's range alone (no checksum: not with split files)."""
+    prefix = incoming.prefix_hash or PrefixHash(incoming.partial, None, incoming.start)
+    return prefix.finish(incoming.end)
 
 
 def size_shared_partial(partial: Path, size: int) -> None:

@@ -3,7 +3,8 @@
 Files of ``CHECKPOINT_MIN_SIZE`` (engine/resume.py) or more keep a sidecar next to their
 partial copy while in flight. :class:`Checkpoints` tracks them for one session, advances
 their records as the receiver's cumulative point moves, and writes the exact state once more
-when the session ends, however it ends, so a rerun resumes there.
+when the session ends, however it ends, so a rerun resumes there. The same good prefix feeds
+each file's running digest (engine/prefix_hash.py), so the finish hashes only the tail.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ class Checkpoints:
         self._files[incoming.file_id] = incoming
 
     def close(self, incoming: IncomingFile) -> None:
-        """Stop tracking ``incoming`` and close its checkpoint, if it has one."""
+        """Stop tracking ``incoming`` and close its checkpoint, if it has one; its running
+        digest gets no more background passes (the finish takes it over)."""
         self._files.pop(incoming.file_id, None)
+        if incoming.prefix_hash is not None:
+            incoming.prefix_hash.stop()
         if incoming.checkpoint is not None:
             incoming.checkpoint.close()
 
@@ -56,6 +60,8 @@ class Checkpoints:
         point arrived and was written, so it never has to travel again."""
         if not self._files:
             return
+        if final:  # the session ends, however it ends: no more hashing behind the writes
+            self._stop_hashing()
         try:
             # The sink gathers runs of blocks in memory: what a record claims must be on
             # disk first, or a kill -9 would leave a checkpoint ahead of the partial.
@@ -66,6 +72,11 @@ class Checkpoints:
         cum = self._cum()
         for incoming in list(self._files.values()):
             self._advance(incoming, cum, final)
+
+    def _stop_hashing(self) -> None:
+        for incoming in self._files.values():
+            if incoming.prefix_hash is not None:
+                incoming.prefix_hash.stop()
 
     def _advance(self, incoming: IncomingFile, cum: int, final: bool) -> None:
         writer, slot = incoming.checkpoint, incoming.slot
@@ -80,3 +91,5 @@ class Checkpoints:
                 writer.close()
         except OSError as exc:  # a checkpoint is an optimisation; the file goes on
             log.warning("checkpoint for %s not written: %s", incoming.dest_rel, exc)
+        if incoming.prefix_hash is not None and not final:
+            incoming.prefix_hash.request(good)  # hashed in a worker thread

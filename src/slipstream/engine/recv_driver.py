@@ -23,7 +23,13 @@ from slipstream.engine.control_stream import ControlStream
 from slipstream.engine.disposition import MirrorTracker
 from slipstream.engine.driver import Emit, as_error, until_done_or_failed
 from slipstream.engine.envelope import HEADER_SIZE
-from slipstream.engine.incoming import IncomingFile, ReceiveOptions, place_link, size_shared_partial
+from slipstream.engine.incoming import (
+    IncomingFile,
+    ReceiveOptions,
+    hash_while_arriving,
+    place_link,
+    size_shared_partial,
+)
 from slipstream.engine.overwrite import overwrite_refused, skip_reason
 from slipstream.engine.paths import DestinationResolver
 from slipstream.engine.recv_checkpoints import Checkpoints
@@ -346,6 +352,7 @@ class RecvDriver(RecvFinisher):
         self._ensure_parent(incoming)
         self._place_partial(incoming, offset, truncate=truncate)
         if incoming.checkpoint is not None:
+            hash_while_arriving(incoming, self._options)
             self._checkpoints.track(incoming)
         count = -(-(incoming.end - offset) // self._payload)
         slot = FileSlot(incoming.file_id, self._next_block, count, offset, incoming.end)
