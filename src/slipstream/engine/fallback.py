@@ -68,6 +68,7 @@ from slipstream.engine.outgoing import (
 from slipstream.engine.overwrite import overwrite_refused, resume_offset, skip_reason
 from slipstream.engine.paths import DestinationResolver, SourceEntry
 from slipstream.engine.ratelimits import RateLimits, RateState, initial_state
+from slipstream.engine.recv_inspect import open_envelope_header
 from slipstream.engine.resume import (
     CHECKPOINT_MIN_SIZE,
     ByteRange,
@@ -446,9 +447,7 @@ class _Uploader(_HttpJob):
 
     def _done(self, sending: _Sending, digests: FileDigests, offset: int) -> None:
         entry = sending.entry
-        self.totals.files_done += 1
-        self.totals.bytes_files += entry.size
-        self.totals.bytes_resumed += offset
+        self.totals.file_landed(entry.size, offset)
         event: dict[str, Any] = {
             "type": "file_done",
             "path": entry.rel_path,
@@ -740,7 +739,7 @@ class _Downloader(_HttpJob):
         if final_st is not None and stat.S_ISDIR(final_st.st_mode):
             raise PathError(f"{incoming.dest_rel}: a folder is in the way of this file")
         if incoming.decrypt:
-            await self._open_envelope_header(incoming)
+            await open_envelope_header(incoming, self.options.keyring)
         if final_st is not None:
             reason = await self._skip_reason(incoming, final_st)
             if reason:
@@ -777,18 +776,8 @@ class _Downloader(_HttpJob):
                 raise
         raise AssertionError("unreachable")
 
-    async def _open_envelope_header(self, incoming: IncomingFile) -> None:
-        """A file to decrypt: check the passphrase before any byte of it travels."""
-        keyring = self.options.keyring
-        assert keyring is not None and incoming.env_header is not None
-        header = EnvelopeHeader.decode(incoming.env_header, incoming.rel_path)
-        if header.envelope_size != incoming.size:
-            raise ContentProtectionError(f"{incoming.rel_path}: size does not match its header")
-        await asyncio.to_thread(keyring.open_header, header, incoming.rel_path)
-        incoming.plain_size = header.plain_size
-
     async def _skip_reason(self, incoming: IncomingFile, final_st: os.stat_result) -> str:
-        size = incoming.plain_size if incoming.plain_size is not None else incoming.size
+        size = incoming.landed_size
 
         async def same(ranges: list[ByteRange]) -> bool:
             return await self._same_content(incoming, incoming.final, ranges)
@@ -862,10 +851,8 @@ class _Downloader(_HttpJob):
             )
 
     def _finished(self, incoming: IncomingFile, result: FinishResult) -> None:
-        size = incoming.plain_size if incoming.plain_size is not None else incoming.size
-        self.totals.files_done += 1
-        self.totals.bytes_files += size
-        self.totals.bytes_resumed += incoming.offset
+        size = incoming.landed_size
+        self.totals.file_landed(size, incoming.offset)
         if result.backup is not None and self.mirror is not None:
             self.mirror.created.add(result.backup)
         self._emit(file_done_event(incoming, result, size, self.options.checksum))

@@ -120,6 +120,11 @@ class IncomingFile:
     prefix_hash: PrefixHash | None = None  # big files: hashed while they arrive
 
     @property
+    def landed_size(self) -> int:
+        """The size of the file as it lands: the plaintext of an envelope being decrypted."""
+        return self.plain_size if self.plain_size is not None else self.size
+
+    @property
     def decrypt(self) -> bool:
         return self.env_header is not None
 

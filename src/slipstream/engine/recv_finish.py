@@ -100,10 +100,8 @@ class RecvFinisher(Driver):
         if incoming.piece is not None:
             self._piece_finished(incoming, result)
             return
-        size = incoming.plain_size if incoming.plain_size is not None else incoming.size
-        self.totals.files_done += 1
-        self.totals.bytes_files += size
-        self.totals.bytes_resumed += incoming.offset
+        size = incoming.landed_size
+        self.totals.file_landed(size, incoming.offset)
         if result.backup is not None and self._mirror is not None:
             self._mirror.created.add(result.backup)
         self._emit(file_done_event(incoming, result, size, self._options.checksum))

@@ -364,9 +364,7 @@ class SendDriver(Driver):
             self.totals.errors.append(msg["error"])
             self._emit({"type": "file_error", "path": out.entry.rel_path, "error": msg["error"]})
             return
-        self.totals.files_done += 1
-        self.totals.bytes_files += out.entry.size
-        self.totals.bytes_resumed += out.offset
+        self.totals.file_landed(out.entry.size, out.offset)
         event: dict[str, Any] = {
             "type": "file_done",
             "path": out.entry.rel_path,

@@ -25,6 +25,12 @@ class SessionTotals:
     finished: float = 0.0
     errors: list[dict[str, Any]] = field(default_factory=list)
 
+    def file_landed(self, size: int, resumed: int) -> None:
+        """One more file done: ``size`` bytes, ``resumed`` of them not sent again."""
+        self.files_done += 1
+        self.bytes_files += size
+        self.bytes_resumed += resumed
+
     @property
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
