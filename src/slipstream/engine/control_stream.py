@@ -19,6 +19,7 @@ from slipstream.protocol import control
 __all__ = ["CONTROL_TCP_CONGESTION", "ControlStream"]
 
 CONTROL_TCP_CONGESTION = b"bbr"
+RECV_BURST = 32  # control messages handled between two turns of the event loop
 
 
 class ControlStream:
@@ -33,6 +34,7 @@ class ControlStream:
         self._reader = reader
         self._writer = writer
         self._pending: list[bytes] = []
+        self._received = 0
         self._broken: PeerAborted | None = None
         _prefer_loss_tolerant_tcp(writer)
 
@@ -68,7 +70,15 @@ class ControlStream:
         await self.drain()
 
     async def recv(self) -> dict[str, Any] | None:
-        """The next message, or None when the peer closed the channel."""
+        """The next message, or None when the peer closed the channel.
+
+        Reading buffered lines never yields to the event loop, so a burst of 2,048 FILE
+        announcements would be handled whole before the first READY is written (and before
+        the UDP endpoint runs): every RECV_BURST messages the loop gets a turn.
+        """
+        self._received += 1
+        if self._received % RECV_BURST == 0:
+            await asyncio.sleep(0)
         try:
             line = await self._reader.readline()
         except (ConnectionError, OSError, asyncssh.Error) as exc:
