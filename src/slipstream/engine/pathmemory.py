@@ -100,9 +100,9 @@ class PathMemory:
                 Path(tmp).unlink(missing_ok=True)
 
 
-def resume_path(sender: Any, memory: PathMemory | None, peer: str) -> None:
+def resume_path(sender: Any, memory: PathMemory, peer: str) -> None:
     """Give a new sender's rate controller what ``memory`` holds for ``peer``, if anything."""
-    hint = memory.recall(peer) if memory is not None else None
+    hint = memory.recall(peer)
     if hint is not None:
         sender.rate_controller.resume_path(hint.rate, hint.min_rtt)
 
