@@ -507,3 +507,17 @@ async def test_control_channel_opens_in_few_round_trips(server: SshServer, serve
     # Seven client flights: the six above plus the exchange itself (ten before).
     assert proxy.round_trips <= 7
     assert elapsed < 8 * 0.1, f"{elapsed:.2f} s for six round trips of 0.1 s"
+
+
+async def test_control_channel_packets_are_small_both_ways(
+    server: SshServer, server_fp: str
+) -> None:
+    # A big batch of announcements in one 32 KiB packet reaches the server only when its
+    # last byte does; small packets let the first messages act at once (ssh.py).
+    channel = await open_control_channel(
+        "127.0.0.1", server.port, "alice", password=PASSWORD, sshfp=server_fp
+    )
+    chan = channel.writer.channel
+    assert chan._send_pktsize == ssh_client.CONTROL_MAX_PKTSIZE  # what the server accepts
+    assert chan._recv_pktsize == ssh_client.CONTROL_MAX_PKTSIZE  # what we asked it to send
+    assert await exchange(channel, b"x" * 20_000 + b"\n") == b"alice:" + b"x" * 20_000 + b"\n"

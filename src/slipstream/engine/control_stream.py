@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import asyncssh
@@ -36,7 +37,8 @@ class ControlStream:
         self._pending: list[bytes] = []
         self._received = 0
         self._broken: PeerAborted | None = None
-        _prefer_loss_tolerant_tcp(writer)
+        self._tcp = _tcp_socket(writer)
+        _prefer_loss_tolerant_tcp(self._tcp)
 
     def send_nowait(self, msg_type: str, **fields: Any) -> None:
         if self._broken is not None:
@@ -51,7 +53,8 @@ class ControlStream:
         data = b"".join(self._pending)
         self._pending.clear()
         try:
-            self._writer.write(data)
+            with _corked(self._tcp):
+                self._writer.write(data)
         except (ConnectionError, OSError, asyncssh.Error) as exc:
             self._broken = PeerAborted(internal_message=f"control channel: {exc}")
 
@@ -92,7 +95,42 @@ class ControlStream:
             await self.send(control.ERROR, error=error.to_dict())
 
 
-def _prefer_loss_tolerant_tcp(writer: Any) -> None:
+def _tcp_socket(writer: Any) -> Any:
+    """The TCP socket under an SSH channel's writer (asyncio's TransportSocket); None for
+    any other stream."""
+    try:
+        sock = writer.get_extra_info("connection").get_extra_info("socket")
+    except AttributeError:
+        return None
+    return sock if hasattr(sock, "setsockopt") else None
+
+
+@contextlib.contextmanager
+def _corked(sock: Any) -> Iterator[None]:
+    """Hold back partial TCP segments while one batch is written.
+
+    asyncssh puts an empty SSH_MSG_IGNORE before every packet and writes each to the socket
+    on its own; with TCP_NODELAY every batch then left as two segments, the first 36 bytes
+    long: ~12,000 extra segments (about 1 MB with headers) on the data's path for 10,000
+    small files. Corked, the kernel sends them together, without waiting for anything.
+    """
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None:
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+
+
+def _prefer_loss_tolerant_tcp(sock: Any) -> None:
     """Ask for BBR on the control connection's TCP socket (each end sets its own sending side).
 
     The per-file messages of a many-files session ride this connection. With a loss-based
@@ -101,9 +139,7 @@ def _prefer_loss_tolerant_tcp(writer: Any) -> None:
     it near the path's rate, as the UDP data path is. Best effort: where the kernel lacks it,
     the system default stays.
     """
-    try:
-        connection = writer.get_extra_info("connection")
-        sock = connection.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(AttributeError, OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CONTROL_TCP_CONGESTION)
-    except (AttributeError, OSError):
-        pass

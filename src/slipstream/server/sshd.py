@@ -24,7 +24,9 @@ from asyncssh.stream import SSHServerStreamSession  # not re-exported at the top
 
 from slipstream.server.config import ServerConfig, UserConfig
 from slipstream.server.passwords import verify_password
-from slipstream.transport.ssh import CONTROL_DESTINATION
+from slipstream.transport.ssh import CONTROL_DESTINATION, CONTROL_MAX_PKTSIZE
+
+_StreamHandler = Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]
 
 log = logging.getLogger("slipstream.server")
 
@@ -258,7 +260,7 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]:
+    ) -> tuple[asyncssh.SSHTCPChannel[bytes], _StreamHandler]:
         """The direct control channel (transport/ssh.py); nothing is ever forwarded."""
         if self._user is None or (dest_host, dest_port) != CONTROL_DESTINATION:
             who = self._user.name if self._user else "?"
@@ -280,7 +282,8 @@ class _Connection(asyncssh.SSHServer):
             await _serve_control(handler, user, reader, writer, peer)
             writer.close()
 
-        return serve
+        assert self._conn is not None  # a user is set only on a live connection
+        return self._conn.create_tcp_channel(max_pktsize=CONTROL_MAX_PKTSIZE), serve
 
 
 class _SubsystemOnlySession(SSHServerStreamSession[bytes]):

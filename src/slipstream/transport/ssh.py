@@ -49,6 +49,12 @@ SUBSYSTEM = "slipstream"
 # destination (never forwarded anywhere) is one round trip, where a session channel plus a
 # subsystem request is two. Older servers refuse it; the client then opens the subsystem.
 CONTROL_DESTINATION = ("slipstream-control", 1)
+# Largest SSH packet either end sends on the control stream. A receiver decrypts nothing
+# before a packet's last byte is in, and a new connection's TCP paces its first flights: a
+# 32 KiB packet (asyncssh's default) holding 300 file announcements reached the server
+# ~0.13 s after its first byte on a 100 ms path, delaying the first READY and so the
+# first data. Small packets let the first messages act while the rest are on the wire.
+CONTROL_MAX_PKTSIZE = 4096
 KNOWN_HOSTS_ENV = "SLIPSTREAM_KNOWN_HOSTS"
 # The control channel idles while the data flows over UDP; keepalives stop NAT boxes and
 # firewalls from forgetting the TCP connection during a long transfer.
@@ -167,11 +173,17 @@ async def _open_control(
     try:
         try:
             reader, writer = await asyncio.wait_for(
-                conn.open_connection(*CONTROL_DESTINATION, encoding=None), timeout
+                conn.open_connection(
+                    *CONTROL_DESTINATION, encoding=None, max_pktsize=CONTROL_MAX_PKTSIZE
+                ),
+                timeout,
             )
         except asyncssh.ChannelOpenError:  # an older server: the subsystem
             writer, reader, _stderr = await asyncio.wait_for(
-                conn.open_session(subsystem=SUBSYSTEM, encoding=None), timeout
+                conn.open_session(
+                    subsystem=SUBSYSTEM, encoding=None, max_pktsize=CONTROL_MAX_PKTSIZE
+                ),
+                timeout,
             )
     except asyncssh.ChannelOpenError as exc:
         conn.close()
