@@ -90,6 +90,8 @@ def _private_known_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     # Nor the real cache (the client's path memory, engine/pathmemory.py): each test
     # starts cold and leaves nothing behind.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Shared logins (transport/shared.py) only where a test asks for them.
+    monkeypatch.delenv("SLIPSTREAM_PERSIST", raising=False)
 
 
 def cli(

@@ -221,6 +221,12 @@ def _transfer_options(func: Any) -> Any:
         click.option("--sshfp", help="Pin the server's host key fingerprint (SHA256:...)."),
         click.option("--accept-host-key", is_flag=True, help="Trust and remember a new host key."),
         click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file."),
+        click.option(
+            "--persist",
+            type=click.FloatRange(min=0),
+            help="Keep the SSH login this many seconds for the next transfers to this server, "
+            "and reuse one kept by an earlier transfer (default: $SLIPSTREAM_PERSIST, else 0).",
+        ),
         click.option("--file-list", type=click.Path(dir_okay=False), help="One source per line."),
         click.option(
             "--file-pair-list",

@@ -16,6 +16,7 @@ from slipstream.engine.filelists import read_file_list, read_file_pair_list
 from slipstream.engine.job import ClientOptions, TransferResult, transfer
 from slipstream.errors import UsageError
 from slipstream.spec import TransferSpec, load_transfer_spec, parse_transfer_spec_json
+from slipstream.transport.shared import persist_from_env
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<path>.*)$")
 
@@ -146,6 +147,7 @@ def _client_options(spec: TransferSpec, opts: dict[str, Any]) -> ClientOptions:
         accept_new_host=bool(opts["accept_host_key"]),
         udp_timeout=float(opts["udp_timeout"]),
         control_socket=_control_socket(opts),
+        persist=opts["persist"] if opts.get("persist") is not None else persist_from_env(),
     )
 
 

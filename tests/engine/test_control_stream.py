@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from slipstream.engine import control_stream
 from slipstream.engine.control_stream import ControlStream
+from slipstream.transport.tcp_tuning import tcp_socket
 
 
 class _Writer:
@@ -77,4 +77,4 @@ async def test_streams_without_a_tcp_socket_still_write() -> None:
     stream.send_nowait("eof", files=0)
     await asyncio.sleep(0)
     assert writer.data.endswith(b"\n") and b'"eof"' in writer.data
-    assert control_stream._tcp_socket(writer) is None
+    assert tcp_socket(writer) is None

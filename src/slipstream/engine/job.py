@@ -57,7 +57,13 @@ from slipstream.errors import (
 from slipstream.protocol import control
 from slipstream.spec import TransferSpec, load_transfer_spec
 from slipstream.transport.endpoint import Endpoint, OwnSocketReader
-from slipstream.transport.ssh import open_control_channel
+from slipstream.transport.shared import (
+    SharedControl,
+    SharedLogin,
+    open_shared_control,
+    start_master_in_background,
+)
+from slipstream.transport.trustfile import default_known_hosts_path
 from slipstream.transport.udp import DatagramSocket
 
 log = logging.getLogger("slipstream.engine")
@@ -87,6 +93,9 @@ class ClientOptions:
     rate_control: RateControl | None = None  # live changes (engine/livecontrol.py)
     control_socket: Path | None = None  # serve `slipstream modify` here during the transfer
     docroot: Path | None = None  # confine local paths (server-initiated transfers)
+    # Keep the SSH login this long (seconds) for later transfers to the same server, and use
+    # one kept by an earlier transfer (transport/shared.py). 0: log in and out every time.
+    persist: float = 0.0
 
 
 @dataclass
@@ -198,17 +207,19 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
         password, keys = spec.token, []
     elif getattr(spec, "ssh_private_key_path", None):
         keys.append(str(spec.ssh_private_key_path))
-    channel = await open_control_channel(
-        host,
-        spec.ssh_port,
-        user,
+    login = SharedLogin(
+        host=host,
+        port=spec.ssh_port,
+        user=user,
+        persist=options.persist,
         password=password,
-        client_keys=keys if keys or spec.authentication == "token" else None,
+        client_keys=tuple(keys) if keys or spec.authentication == "token" else None,
         passphrase=getattr(spec, "ssh_private_key_passphrase", None),
-        known_hosts=options.known_hosts,
+        known_hosts=str(options.known_hosts or default_known_hosts_path()),
         sshfp=spec.sshfp,
         accept_new_host=options.accept_new_host,
     )
+    channel, starting = await _control_channel(login, shareable=spec.authentication != "token")
     fallback: Any = None  # an engine.fallback.FallbackTarget once UDP turns out blocked
     try:
         ctl = ControlStream(channel.reader, channel.writer)
@@ -234,6 +245,7 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
                 "session_id": params.session_id.hex(),
                 "transport": "fasp",
                 "xfer_id": accept.get("xfer_id"),
+                "login": "shared" if isinstance(channel, SharedControl) else "new",
                 **session_metadata(spec),
             }
         )
@@ -248,11 +260,41 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
+        if starting is not None:
+            await starting
     if fallback is not None:
         return await _run_http(spec, options, emit, fallback, reason)
     result = TransferResult(spec.direction, totals)
     emit({"type": "session_done", **result.as_dict()})
     return result
+
+
+async def _control_channel(
+    login: SharedLogin, *, shareable: bool
+) -> tuple[Any, asyncio.Future[None] | None]:
+    """The session's control stream (a ControlChannel, or a SharedControl): from a shared
+    login when one serves (``persist``), else a login of our own, then (``persist``) a
+    master started for the next transfers."""
+    share = shareable and login.persist > 0
+    if share:
+        shared = await open_shared_control(login)
+        if shared is not None:
+            return shared, None
+    from slipstream.transport.ssh import open_control_channel  # asyncssh: ~0.1 s to load
+
+    channel = await open_control_channel(
+        login.host,
+        login.port,
+        login.user,
+        password=login.password,
+        client_keys=login.client_keys,
+        passphrase=login.passphrase,
+        known_hosts=Path(login.known_hosts) if login.known_hosts else None,
+        sshfp=login.sshfp,
+        accept_new_host=login.accept_new_host,
+    )
+    # Started once our login worked: the host key is known and the credentials are good.
+    return channel, start_master_in_background(login) if share else None
 
 
 async def _run_http(

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 from slipstream.engine.ratelimits import RateLimits, RateState, apply_change, initial_state
 from slipstream.errors import RateLocked, SlipstreamError, UsageError, error_from_dict
 from slipstream.protocol import control
+from slipstream.transport.rundir import user_runtime_dir
 
 log = logging.getLogger("slipstream.engine")
 
@@ -253,9 +253,7 @@ class ServerRate:
 
 def default_socket_dir() -> Path:
     """Per-user folder of running transfers' control sockets (mode 0700)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime else Path(tempfile.gettempdir())
-    return base / f"slipstream-{os.getuid()}"
+    return user_runtime_dir()
 
 
 def default_socket_path() -> Path:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
-import platformdirs
 
 from slipstream.errors import (
     AuthenticationError,
@@ -41,6 +40,7 @@ from slipstream.errors import (
     UnsupportedError,
     UsageError,
 )
+from slipstream.transport.trustfile import default_known_hosts_path
 
 log = logging.getLogger("slipstream.transport.ssh")
 
@@ -55,19 +55,10 @@ CONTROL_DESTINATION = ("slipstream-control", 1)
 # ~0.13 s after its first byte on a 100 ms path, delaying the first READY and so the
 # first data. Small packets let the first messages act while the rest are on the wire.
 CONTROL_MAX_PKTSIZE = 4096
-KNOWN_HOSTS_ENV = "SLIPSTREAM_KNOWN_HOSTS"
 # The control channel idles while the data flows over UDP; keepalives stop NAT boxes and
 # firewalls from forgetting the TCP connection during a long transfer.
 KEEPALIVE_INTERVAL = 30.0
 KEEPALIVE_COUNT_MAX = 4
-
-
-def default_known_hosts_path() -> Path:
-    """``$SLIPSTREAM_KNOWN_HOSTS``, else ``<user config dir>/slipstream/known_hosts``."""
-    env = os.environ.get(KNOWN_HOSTS_ENV)
-    if env:
-        return Path(env).expanduser()
-    return platformdirs.user_config_path("slipstream") / "known_hosts"
 
 
 class ControlChannel:
@@ -120,12 +111,61 @@ async def open_control_channel(
     accept_new_host: bool = False,
     connect_timeout: float = 15.0,
 ) -> ControlChannel:
-    """Connect, authenticate and open the ``slipstream`` subsystem.
+    """Connect, authenticate and open the control stream.
 
     Raises ConnectError (nothing listening, unreachable, unknown name, timeout: retryable),
     AuthenticationError, HostKeyError, or UnsupportedError (an SSH server that is not a
     Slipstream server).
     """
+    login = await ssh_login(
+        host,
+        port,
+        user,
+        password=password,
+        client_keys=client_keys,
+        passphrase=passphrase,
+        known_hosts=known_hosts,
+        sshfp=sshfp,
+        accept_new_host=accept_new_host,
+        connect_timeout=connect_timeout,
+    )
+    try:
+        reader, writer = await open_control_stream(login.conn, login.where, connect_timeout)
+    except BaseException:  # failed or cancelled: do not leak the connection
+        login.conn.close()
+        raise
+    return ControlChannel(login.conn, reader, writer, login.fingerprint)
+
+
+@dataclass
+class SshLogin:
+    """An authenticated SSH connection to a Slipstream server."""
+
+    conn: asyncssh.SSHClientConnection
+    where: str  # host:port, for messages
+    fingerprint: str  # the server's host key, SHA256:...
+
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        peer = self.conn.get_extra_info("peername")
+        return (str(peer[0]), int(peer[1]))
+
+
+async def ssh_login(
+    host: str,
+    port: int,
+    user: str,
+    *,
+    password: str | None = None,
+    client_keys: Sequence[str | Path] | None = None,
+    passphrase: str | None = None,
+    known_hosts: Path | None = None,
+    sshfp: str | None = None,
+    accept_new_host: bool = False,
+    connect_timeout: float = 15.0,
+) -> SshLogin:
+    """Connect and authenticate (host key checked as the module says); errors as
+    :func:`open_control_channel`."""
     trust = _HostTrust.load(
         host, port, known_hosts or default_known_hosts_path(), sshfp, accept_new_host
     )
@@ -155,7 +195,7 @@ async def open_control_channel(
     except (OSError, asyncssh.Error, asyncssh.KeyImportError) as exc:
         raise _map_connect_error(exc, host, port, connect_timeout, trust) from None
     trust.commit()
-    return await _open_control(conn, where, trust.fingerprint, connect_timeout)
+    return SshLogin(conn, where, trust.fingerprint)
 
 
 def _auth_order(has_keys: bool, has_password: bool) -> tuple[str, ...]:
@@ -166,10 +206,11 @@ def _auth_order(has_keys: bool, has_password: bool) -> tuple[str, ...]:
     return keys + secrets
 
 
-async def _open_control(
-    conn: asyncssh.SSHClientConnection, where: str, fp: str, timeout: float
-) -> ControlChannel:
-    """The control stream: the one-round-trip channel, else the ``slipstream`` subsystem."""
+async def open_control_stream(
+    conn: asyncssh.SSHClientConnection, where: str, timeout: float
+) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+    """A new control stream on a logged-in connection: the one-round-trip channel, else
+    the ``slipstream`` subsystem. The connection stays open whatever happens."""
     try:
         try:
             reader, writer = await asyncio.wait_for(
@@ -186,23 +227,16 @@ async def _open_control(
                 timeout,
             )
     except asyncssh.ChannelOpenError as exc:
-        conn.close()
         raise UnsupportedError(
             f"the SSH server at {where} refused the '{SUBSYSTEM}' subsystem "
             f"({exc.reason}): is it a Slipstream server?"
         ) from None
     except (OSError, asyncssh.Error) as exc:  # TimeoutError is an OSError
-        conn.close()
         reason = str(exc) or type(exc).__name__
         raise ConnectError(
             f"SSH connection to {where} failed opening the channel: {reason}"
         ) from None
-    except BaseException:  # cancelled: do not leak the connection
-        conn.close()
-        raise
-    return ControlChannel(
-        conn, cast(asyncssh.SSHReader[bytes], reader), cast(asyncssh.SSHWriter[bytes], writer), fp
-    )
+    return cast(asyncssh.SSHReader[bytes], reader), cast(asyncssh.SSHWriter[bytes], writer)
 
 
 # --- client keys ------------------------------------------------------------------------
