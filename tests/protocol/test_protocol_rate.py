@@ -116,3 +116,27 @@ def test_min_above_path_and_live_limits() -> None:
     controller.set_min(0)
     controller.set_target(100e6)
     assert controller.pacing_rate <= 100e6 / 8  # a lowered target applies at once
+
+
+def test_fair_start_up_first_doubling_counts_from_when_the_data_left() -> None:
+    # Data leaves at t=0; reports arrive from t=RTT, each describing what left one RTT
+    # earlier. The first round therefore began at 0, not at the first report: its doubling
+    # comes once the round holds enough bytes, not a whole RTT after the first report.
+    controller = create_rate_controller("fair", target_bps=1e9, min_bps=1e6)
+    initial = controller.pacing_rate
+    rtt, now, doubled_at = 0.1, 0.1, None
+    while now < 0.5 and doubled_at is None:
+        controller.on_report(
+            now,
+            delivered_bytes=round(initial * 0.01),
+            interval=0.01,
+            rtt=rtt,
+            min_rtt=rtt,
+            lost=0,
+            acked=max(1, round(initial * 0.01 / 1500)),
+        )
+        if controller.pacing_rate > 1.5 * initial:
+            doubled_at = now
+        now += 0.01
+    assert doubled_at is not None
+    assert doubled_at < rtt + 0.08, f"first doubling at {doubled_at:.2f} s"

@@ -205,7 +205,9 @@ class FairRateController(RateController):
         if self._startup:
             self._check_startup_exit(now, delivered_bytes, interval, rtt)
         if self._round_start is None:
-            self._round_start = now
+            # The first report describes data sent one RTT ago: start-up's first round
+            # began then. Counting from this report made the first doubling wait two RTTs.
+            self._round_start = now - (rtt or 0.0) if self._startup else now
         self._round_delivered += delivered_bytes
         self._round_interval += interval
         self._round_lost += lost
