@@ -5,6 +5,11 @@
     python3 benchmarks/smallfiles.py wan --loss 0.01 --runs 3 --cap 120
     python3 benchmarks/smallfiles.py resume --size 2G
 
+``--warm`` adds the repeated-transfer case: Slipstream with ``--persist`` (one SSH login kept
+by a background master, transport/shared.py) and its path memory on, next to rsync over an
+OpenSSH ControlMaster connection; each gets one untimed run first, as a second transfer to a
+server would. ``--only REGEX`` runs the matching tools only.
+
 ``loopback`` and ``wan`` send 10,000 files of 10 KiB (100 folders, random data, on tmpfs at both
 ends, as research/smallfiles-anchors.md did) with every tool in the same run, each to an
 empty destination, and print wall times. ``wan`` puts the servers in wanem's namespace b and
@@ -24,8 +29,10 @@ Every process this script starts is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -68,6 +75,11 @@ def ssh_config(root: Path, host: str, port: int) -> Path:
         "  ControlMaster no\n  Compression no\n"
     )
     return path
+
+
+def ssh_master_options(root: Path) -> str:
+    """OpenSSH's connection sharing for the warm rows: the TCP tools' --persist."""
+    return f"-o ControlMaster=auto -o ControlPath={root}/cm-%C -o ControlPersist=600"
 
 
 @dataclass
@@ -194,11 +206,34 @@ def slipstream_send(servers: Servers, source: Path, remote_dest: str, extra: lis
         "SLIPSTREAM_PASSWORD": str(info["password"]),
         "SLIPSTREAM_PATH_MEMORY": "0",  # every run starts cold, whatever ran before
         "SLIPSTREAM_KNOWN_HOSTS": str(servers.root / "known_hosts"),
+        "XDG_CACHE_HOME": str(servers.root / "cache"),  # never the user's path memory
+        "XDG_RUNTIME_DIR": str(servers.root / "run"),  # where --persist keeps its master
     }
     return servers.net.client([*command, *extra, str(source), remote_dest]), env
 
 
-def tool_commands(servers: Servers, src: Path, dest: Path) -> dict[str, Command]:
+def slipstream_warm(servers: Servers, source: Path, remote_dest: str, extra: list[str]) -> Command:
+    """A repeated transfer: a kept SSH login (--persist) and the path remembered."""
+    command, env = slipstream_send(servers, source, remote_dest, ["--persist", "600", *extra])
+    env.pop("SLIPSTREAM_PATH_MEMORY")
+    return command, env
+
+
+def stop_masters(servers: Servers) -> None:
+    """Ends what the warm rows left running: Slipstream's masters, OpenSSH's."""
+    from slipstream.transport.shared import stop_master
+
+    for path in (servers.root / "run").glob("slipstream-*/ssh-*.sock"):
+        asyncio.run(stop_master(path))
+    for path in servers.root.glob("cm-*"):
+        subprocess.run(
+            ["ssh", "-F", str(servers.ssh), "-o", f"ControlPath={path}", "-O", "exit", "bench"],
+            capture_output=True,
+            check=False,
+        )
+
+
+def tool_commands(servers: Servers, src: Path, dest: Path, warm: bool) -> dict[str, Command]:
     """Every tool, copying the tree ``src`` to ``dest`` on the server."""
     net, cfg = servers.net, str(servers.ssh)
     remote_dest = "/" + str(dest.relative_to(Path(str(servers.info["docroot"]))))
@@ -208,22 +243,34 @@ def tool_commands(servers: Servers, src: Path, dest: Path) -> dict[str, Command]
     if net.wan:  # the link rate known, as Aspera users set it: fixed, just below the link
         fixed = ["-d", "--policy", "fixed", "-l", f"{WAN_RATE_MBIT - 4}M"]
         commands["slipstream (fixed)"] = slipstream_send(servers, src, remote_dest, fixed)
+    if warm:
+        commands["slipstream (fair, warm)"] = slipstream_warm(servers, src, remote_dest, ["-d"])
     rsync = ["rsync", "-a", "-e", f"ssh -F {cfg}", f"{src}/", f"bench:{dest}/"]
     commands["rsync -a"] = (net.client(rsync), {})
+    if warm:
+        shared = f"ssh -F {cfg} {ssh_master_options(servers.root)}"
+        rsync_warm = ["rsync", "-a", "-e", shared, f"{src}/", f"bench:{dest}/"]
+        commands["rsync -a (warm)"] = (net.client(rsync_warm), {})
     commands["tar over ssh"] = (net.client(["bash", "-c", tar]), {})
     commands["scp -r"] = (net.client(scp), {})
     return commands
 
 
-def run_matrix(servers: Servers, src: Path, runs: int, cap: float) -> dict[str, list[Outcome]]:
+def run_matrix(servers: Servers, src: Path, args: argparse.Namespace) -> dict[str, list[Outcome]]:
     docroot = Path(str(servers.info["docroot"]))
     results: dict[str, list[Outcome]] = {}
-    for attempt in range(runs):
+    # attempt -1: the warm rows' untimed first run (their login kept, their path learnt)
+    for attempt in range(-1 if args.warm else 0, args.runs):
         dest = docroot / f"run{attempt}"
-        for name, (command, env) in tool_commands(servers, src, dest).items():
+        for name, (command, env) in tool_commands(servers, src, dest, args.warm).items():
+            if not re.search(args.only, name) or (attempt < 0 and "warm" not in name):
+                continue
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            outcome = timed(command, cap, dest, env)
+            outcome = timed(command, args.cap, dest, env)
+            if attempt < 0:
+                print(f"  {name:20} {outcome.seconds:7.2f} s  (untimed first run)", flush=True)
+                continue
             results.setdefault(name, []).append(outcome)
             print(
                 f"  {name:20} {outcome.seconds:7.2f} s  {outcome.copied / 1e6:7.1f} MB"
@@ -388,6 +435,8 @@ def main() -> None:
     parser.add_argument("--cc", default="cubic", help="wan: TCP congestion control")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds before a run stops")
     parser.add_argument("--size", default="2G", help="resume: file size")
+    parser.add_argument("--warm", action="store_true", help="add the repeated-transfer rows")
+    parser.add_argument("--only", default="", help="run the tools whose name matches")
     args = parser.parse_args()
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     root = Path(tempfile.mkdtemp(prefix="slipstream-smallfiles-", dir=base))
@@ -413,8 +462,9 @@ def _run_small_files(root: Path, args: argparse.Namespace) -> None:
         if net.wan:
             what = f"WAN {WAN_RATE_MBIT} Mbit/s, RTT {2 * WAN_DELAY_MS} ms, loss {args.loss:.0%}"
         print(f"{FILES} x {FILE_SIZE // 1024} KiB over {what}", flush=True)
-        results = run_matrix(servers, src, args.runs, args.cap)
+        results = run_matrix(servers, src, args)
     finally:
+        stop_masters(servers)
         servers.stop()
         if net.wan:
             wanem_down()
