@@ -134,6 +134,9 @@ def test_a_stale_socket_means_a_login_and_a_new_master(
     path = sockets(run_dir)[0]
     asyncio.run(stop_master(path))
     assert _wait_for(lambda: not path.exists(), 10)
+    # Its stream opened ahead for a next client closed unused: no error on the server.
+    assert _wait_for(lambda: "closed a control stream unused" in server.log(), 10)
+    assert "did not open a session" not in server.log()
     # What a killed master leaves: a socket file nobody listens on.
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))

@@ -85,7 +85,11 @@ class SessionManager:
         ctl = ControlStream(reader, writer)
         tracked: Any = None
         try:
-            spec, opened = await self._read_open(ctl)
+            first = await ctl.recv()
+            if first is None:  # closed before OPEN: a client's spare stream it never used
+                log.info("user %s from %s closed a control stream unused", user.name, _peer(peer))
+                return 0
+            spec, opened = self._read_open(first)
             self.hooks.authorize(user, spec)  # a token login: before any file system access
             self._check_rights(user, spec)
             tracked = self.hooks.started(user, peer, spec)
@@ -110,9 +114,8 @@ class SessionManager:
             )
             raise
 
-    async def _read_open(self, ctl: ControlStream) -> tuple[TransferSpec, dict[str, Any]]:
-        msg = await ctl.recv()
-        if msg is None or msg["t"] != control.OPEN:
+    def _read_open(self, msg: dict[str, Any]) -> tuple[TransferSpec, dict[str, Any]]:
+        if msg["t"] != control.OPEN:
             raise ProtocolError("The client did not open a session", origin="remote")
         if int(msg["v"]) != control.PROTOCOL_VERSION:
             raise ProtocolError(f"Unsupported protocol version {msg['v']}", origin="remote")

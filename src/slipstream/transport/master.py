@@ -5,7 +5,8 @@ parent exits, so the starter never waits on it), takes the lock for its login, l
 listens on ``ssh-KEY.sock`` in the user's private run folder. Each client connection sends
 one JSON line:
 
-- ``{"op": "open"}``: the master opens a new control stream on its connection and answers
+- ``{"op": "open"}``: the master hands over a control stream on its connection (opened
+  ahead of time for the next client, so usually at once) and answers
   ``{"ok": true, "peer": [ip, port], "fingerprint": "SHA256:..."}`` (or ``{"ok": false,
   "error": {...}}``); from then on the socket carries the stream's bytes both ways.
 - ``{"op": "exit"}``: answers ``{"ok": true}``, then closes the connection and exits.
@@ -50,6 +51,30 @@ class Master:
         self._idle: asyncio.TimerHandle | None = None
         self._tcp = ssh.conn.get_extra_info("socket")
         prefer_loss_tolerant_tcp(self._tcp)
+        self._spare: asyncio.Future[tuple[Any, Any]] | None = None
+
+    def prepare_spare(self) -> None:
+        """Open the next client's stream ahead of time: a transfer that finds it waiting
+        starts one round trip sooner. The server waits for OPEN on it as long as need be."""
+        self._spare = asyncio.ensure_future(
+            open_control_stream(self.ssh.conn, self.ssh.where, REQUEST_TIMEOUT)
+        )
+
+    def close_spare(self) -> None:
+        if self._spare is not None:
+            self._spare.cancel()
+            self._spare = None
+
+    async def _take_stream(self) -> tuple[Any, Any]:
+        spare, self._spare = self._spare, None
+        self.prepare_spare()  # the one after, while this one serves
+        if spare is not None:
+            with contextlib.suppress(SlipstreamError):
+                reader, writer = await spare
+                if not reader.at_eof():
+                    return reader, writer
+                writer.close()
+        return await open_control_stream(self.ssh.conn, self.ssh.where, REQUEST_TIMEOUT)
 
     def start_idle_timer(self) -> None:
         self._cancel_idle_timer()
@@ -92,9 +117,7 @@ class Master:
         self._cancel_idle_timer()
         try:
             try:
-                ch_reader, ch_writer = await open_control_stream(
-                    self.ssh.conn, self.ssh.where, REQUEST_TIMEOUT
-                )
+                ch_reader, ch_writer = await self._take_stream()
             except SlipstreamError as exc:
                 await _reply(writer, {"ok": False, "error": exc.to_dict()})
                 if exc.retryable:  # the connection itself is failing: let the next log in
@@ -182,12 +205,14 @@ async def serve(login: SharedLogin) -> None:
     server, inode = await _listen(path, master)
     log.info("serving %s@%s on %s for %g s idle", login.user, ssh.where, path, login.persist)
     master.start_idle_timer()
+    master.prepare_spare()
     closed = asyncio.ensure_future(ssh.conn.wait_closed())
     asked = asyncio.ensure_future(master.done.wait())
     try:
         await asyncio.wait({closed, asked}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         _remove_if_ours(path, inode)
+        master.close_spare()
         server.close()
         ssh.conn.close()
         closed.cancel()
