@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from slipstream.engine.control_stream import ControlStream
+from slipstream.engine.control_stream import MIN_FLUSH_INTERVAL, ControlStream
 from slipstream.transport.tcp_tuning import tcp_socket
 
 
@@ -78,3 +78,35 @@ async def test_streams_without_a_tcp_socket_still_write() -> None:
     await asyncio.sleep(0)
     assert writer.data.endswith(b"\n") and b'"eof"' in writer.data
     assert tcp_socket(writer) is None
+
+
+async def test_a_burst_soon_after_a_write_waits_to_share_the_next_one() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[tuple[float, bytes]] = []
+
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+        def write(self, data: bytes) -> None:
+            self.writes.append((asyncio.get_running_loop().time(), data))
+
+        async def drain(self) -> None:
+            pass
+
+    writer = Recording()
+    stream = ControlStream(reader=None, writer=writer)
+    stream.send_nowait("ready", id=0, first_block=0, count=1, offset=0)
+    await asyncio.sleep(0)
+    assert len(writer.writes) == 1  # after a quiet spell: at once
+    for index in range(1, 4):
+        stream.send_nowait("ready", id=index, first_block=index, count=1, offset=0)
+        await asyncio.sleep(0)
+    assert len(writer.writes) == 1  # held back, gathering
+    await asyncio.sleep(MIN_FLUSH_INTERVAL * 2)
+    assert len(writer.writes) == 2
+    (first_at, _), (second_at, second) = writer.writes
+    assert second.count(b"\n") == 3
+    assert second_at - first_at >= MIN_FLUSH_INTERVAL * 0.9
+    await stream.send("eof", files=4)  # an explicit send never waits
+    assert len(writer.writes) == 3

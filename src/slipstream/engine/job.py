@@ -223,14 +223,12 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
     fallback: Any = None  # an engine.fallback.FallbackTarget once UDP turns out blocked
     try:
         ctl = ControlStream(channel.reader, channel.writer)
-        await ctl.send(
-            control.OPEN,
-            v=control.PROTOCOL_VERSION,
-            spec=_wire_spec(spec),
-            **open_extras(channel.peer_address[0]),
-        )
+        extras = open_extras(channel.peer_address[0])
+        await ctl.send(control.OPEN, v=control.PROTOCOL_VERSION, spec=_wire_spec(spec), **extras)
         accept = await _expect_accept(ctl)
         params = SessionParams.from_accept(accept)
+        if "zlib" in params.features and "zlib" in extras["features"]:  # both offered it
+            ctl.start_compression()
         peer_ip = channel.peer_address[0]
         emit(
             {
@@ -246,6 +244,7 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
                 "transport": "fasp",
                 "xfer_id": accept.get("xfer_id"),
                 "login": "shared" if isinstance(channel, SharedControl) else "new",
+                "control_compression": "zlib" if ctl.compressed else "none",
                 **session_metadata(spec),
             }
         )

@@ -26,7 +26,7 @@ DEFAULT_DGRAM_SIZE = 1500
 MAX_AUTO_DGRAM_SIZE = 9000
 # What this implementation understands beyond the v1 baseline; sent in OPEN so a new
 # server only uses a feature an old client would not choke on (and ACCEPT echoes it).
-FEATURES = ("rate", "pmtu")
+FEATURES = ("rate", "pmtu", "zlib")
 # With no target rate the controller still has a ceiling; it is a cap, not a goal.
 UNLIMITED_TARGET_KBPS = 10_000_000
 

@@ -188,6 +188,8 @@ class SessionManager:
         try:
             extra = self.hooks.accept_extra(user, spec, tracked)
             await ctl.send(control.ACCEPT, **params.to_accept(), **extra)
+            if "zlib" in features:  # the client deflates from here on too
+                ctl.start_compression()
             totals = await driver.run()
             core.close(loop.time())
             endpoint.step()
