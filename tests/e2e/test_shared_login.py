@@ -44,8 +44,18 @@ def _wait_for(condition, timeout: float) -> bool:  # type: ignore[no-untyped-def
 
 
 def send(server: ServerHandle, tmp_path: Path, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return transfer_cli("send", server, tmp_path, *args, env=env)
+
+
+def transfer_cli(
+    command: str,
+    server: ServerHandle,
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+):  # type: ignore[no-untyped-def]
     return cli(
-        "send",
+        command,
         *connect_args(server),
         "--json-events",
         *args,
@@ -86,26 +96,10 @@ def test_persist_from_the_environment_and_downloads(
 ) -> None:
     (server.docroot / "data.bin").write_bytes(os.urandom(300_000))
     env = {"SLIPSTREAM_PERSIST": "30"}
-    first = cli(
-        "recv",
-        *connect_args(server),
-        "--json-events",
-        "/data.bin",
-        "a.bin",
-        cwd=tmp_path,
-        env={**password_env(server), **env},
-    )
+    first = transfer_cli("recv", server, tmp_path, "/data.bin", "a.bin", env=env)
     assert logins(first) == ["new"]
     assert _wait_for(lambda: sockets(run_dir), 15)
-    second = cli(
-        "recv",
-        *connect_args(server),
-        "--json-events",
-        "/data.bin",
-        "b.bin",
-        cwd=tmp_path,
-        env={**password_env(server), **env},
-    )
+    second = transfer_cli("recv", server, tmp_path, "/data.bin", "b.bin", env=env)
     assert logins(second) == ["shared"]
     assert (tmp_path / "b.bin").read_bytes() == (server.docroot / "data.bin").read_bytes()
 

@@ -281,17 +281,7 @@ async def _control_channel(
             return shared, None
     from slipstream.transport.ssh import open_control_channel  # asyncssh: ~0.1 s to load
 
-    channel = await open_control_channel(
-        login.host,
-        login.port,
-        login.user,
-        password=login.password,
-        client_keys=login.client_keys,
-        passphrase=login.passphrase,
-        known_hosts=Path(login.known_hosts) if login.known_hosts else None,
-        sshfp=login.sshfp,
-        accept_new_host=login.accept_new_host,
-    )
+    channel = await open_control_channel(login.host, login.port, login.user, **login.ssh_options())
     # Started once our login worked: the host key is known and the credentials are good.
     return channel, start_master_in_background(login) if share else None
 

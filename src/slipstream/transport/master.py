@@ -187,17 +187,7 @@ async def serve(login: SharedLogin) -> None:
         log.info("another master serves %s", path)
         return
     try:
-        ssh = await ssh_login(
-            login.host,
-            login.port,
-            login.user,
-            password=login.password,
-            client_keys=list(login.client_keys) if login.client_keys is not None else None,
-            passphrase=login.passphrase,
-            known_hosts=Path(login.known_hosts) if login.known_hosts else None,
-            sshfp=login.sshfp,
-            accept_new_host=login.accept_new_host,
-        )
+        ssh = await ssh_login(login.host, login.port, login.user, **login.ssh_options())
     except SlipstreamError as exc:
         log.warning("login failed: %s", exc.user_message)
         return
@@ -261,7 +251,10 @@ def main() -> None:
         level=logging.INFO,
         format="%(asctime)s %(process)d %(message)s",
     )
-    asyncio.run(serve(login))
+    try:
+        asyncio.run(serve(login))
+    except Exception:  # nobody sees this process's stderr: the log must say why it ended
+        log.exception("the master failed")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from slipstream.transport.rundir import UnsafeRunDir, private_runtime_dir
 
@@ -54,6 +55,17 @@ class SharedLogin:
     known_hosts: str | None = None
     sshfp: str | None = None
     accept_new_host: bool = False
+
+    def ssh_options(self) -> dict[str, Any]:
+        """Keyword arguments for transport/ssh.py's ``ssh_login`` / ``open_control_channel``."""
+        return {
+            "password": self.password,
+            "client_keys": list(self.client_keys) if self.client_keys is not None else None,
+            "passphrase": self.passphrase,
+            "known_hosts": Path(self.known_hosts) if self.known_hosts else None,
+            "sshfp": self.sshfp,
+            "accept_new_host": self.accept_new_host,
+        }
 
     def key(self) -> str:
         """Names the master: the server, the user and how its host key is trusted."""

@@ -57,6 +57,7 @@ CONTROL_DESTINATION = ("slipstream-control", 1)
 CONTROL_MAX_PKTSIZE = 4096
 # The control channel idles while the data flows over UDP; keepalives stop NAT boxes and
 # firewalls from forgetting the TCP connection during a long transfer.
+DEFAULT_CONNECT_TIMEOUT = 15.0
 KEEPALIVE_INTERVAL = 30.0
 KEEPALIVE_COUNT_MAX = 4
 
@@ -98,39 +99,17 @@ class ControlChannel:
         await self.close()
 
 
-async def open_control_channel(
-    host: str,
-    port: int,
-    user: str,
-    *,
-    password: str | None = None,
-    client_keys: Sequence[str | Path] | None = None,
-    passphrase: str | None = None,
-    known_hosts: Path | None = None,
-    sshfp: str | None = None,
-    accept_new_host: bool = False,
-    connect_timeout: float = 15.0,
-) -> ControlChannel:
-    """Connect, authenticate and open the control stream.
+async def open_control_channel(host: str, port: int, user: str, **options: Any) -> ControlChannel:
+    """Log in (``options`` as :func:`ssh_login` takes them) and open the control stream.
 
     Raises ConnectError (nothing listening, unreachable, unknown name, timeout: retryable),
     AuthenticationError, HostKeyError, or UnsupportedError (an SSH server that is not a
     Slipstream server).
     """
-    login = await ssh_login(
-        host,
-        port,
-        user,
-        password=password,
-        client_keys=client_keys,
-        passphrase=passphrase,
-        known_hosts=known_hosts,
-        sshfp=sshfp,
-        accept_new_host=accept_new_host,
-        connect_timeout=connect_timeout,
-    )
+    login = await ssh_login(host, port, user, **options)
+    timeout = float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
     try:
-        reader, writer = await open_control_stream(login.conn, login.where, connect_timeout)
+        reader, writer = await open_control_stream(login.conn, login.where, timeout)
     except BaseException:  # failed or cancelled: do not leak the connection
         login.conn.close()
         raise
@@ -162,7 +141,7 @@ async def ssh_login(
     known_hosts: Path | None = None,
     sshfp: str | None = None,
     accept_new_host: bool = False,
-    connect_timeout: float = 15.0,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> SshLogin:
     """Connect and authenticate (host key checked as the module says); errors as
     :func:`open_control_channel`."""
