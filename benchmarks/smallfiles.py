@@ -256,6 +256,22 @@ def tool_commands(servers: Servers, src: Path, dest: Path, warm: bool) -> dict[s
     return commands
 
 
+def fresh_folder(dest: Path) -> None:
+    """An empty ``dest``. After a run stopped at the cap, the server's side of a TCP tool
+    (tar, scp's sftp-server) may still be writing for a while: wait until it has stopped, or
+    its late files would count for the next tool."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        before = copied_bytes(dest)
+        time.sleep(0.5)
+        if copied_bytes(dest) == before:
+            shutil.rmtree(dest, ignore_errors=True)
+            if not dest.exists():
+                dest.mkdir(parents=True)
+                return
+    raise RuntimeError(f"{dest} is still being written to a minute after its run ended")
+
+
 def run_matrix(servers: Servers, src: Path, args: argparse.Namespace) -> dict[str, list[Outcome]]:
     docroot = Path(str(servers.info["docroot"]))
     results: dict[str, list[Outcome]] = {}
@@ -265,8 +281,7 @@ def run_matrix(servers: Servers, src: Path, args: argparse.Namespace) -> dict[st
         for name, (command, env) in tool_commands(servers, src, dest, args.warm).items():
             if not re.search(args.only, name) or (attempt < 0 and "warm" not in name):
                 continue
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True)
+            fresh_folder(dest)
             outcome = timed(command, args.cap, dest, env)
             if attempt < 0:
                 print(f"  {name:20} {outcome.seconds:7.2f} s  (untimed first run)", flush=True)
