@@ -224,6 +224,7 @@ def _transfer_options(func: Any) -> Any:
         click.option(
             "--persist",
             type=click.FloatRange(min=0),
+            metavar="SECONDS",
             help="Keep the SSH login this many seconds for the next transfers to this server, "
             "and reuse one kept by an earlier transfer (default: $SLIPSTREAM_PERSIST, else 0).",
         ),
@@ -471,6 +472,28 @@ def modify(
         click.echo(json.dumps(request(path, body), indent=2))
     except SlipstreamError as exc:
         fail(exc)
+
+
+@main.command()
+@click.option("--stop", is_flag=True, help="Close every kept login.")
+def logins(stop: bool) -> None:
+    """List the SSH logins kept by `--persist` (one line each), or close them."""
+    import asyncio
+
+    from slipstream.transport.shared import ask_master, master_sockets
+
+    for path in master_sockets():
+        info = asyncio.run(ask_master(path, "info"))
+        if info is None:
+            continue  # stale: its master is gone, the next one replaces the socket
+        line = (
+            f"{info['user']}@{info['server']}  pid {info['pid']}  "
+            f"streams {info['streams']}  idle limit {info['persist_s']:g} s"
+        )
+        if stop:
+            stopped = asyncio.run(ask_master(path, "exit"))
+            line += "  closed" if stopped else "  (did not answer)"
+        click.echo(line)
 
 
 # --- agent -----------------------------------------------------------------------------

@@ -91,6 +91,42 @@ def test_later_transfers_reuse_one_login(
     assert stat.S_IMODE(sockets(run_dir)[0].stat().st_mode) == 0o600
 
 
+def test_logins_lists_and_closes_kept_logins(
+    server: ServerHandle, tmp_path: Path, run_dir: Path
+) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    logins(send(server, tmp_path, "--persist", "30", "f.txt", "/"))
+    assert _wait_for(lambda: sockets(run_dir), 15)
+    listed = cli("logins")
+    assert listed.returncode == 0, listed.stderr
+    port = server.info["ssh_port"]
+    assert f"{server.info['user']}@127.0.0.1:{port}" in listed.stdout
+    assert "idle limit 30 s" in listed.stdout
+    closed = cli("logins", "--stop")
+    assert "closed" in closed.stdout
+    assert _wait_for(lambda: not sockets(run_dir), 10)
+    assert cli("logins").stdout == ""
+
+
+def test_relative_paths_mean_the_same_files_to_the_master(
+    server: ServerHandle, tmp_path: Path, run_dir: Path
+) -> None:
+    # The master runs in another folder: a relative known_hosts (or key file) must not
+    # become another file there.
+    (tmp_path / "f.txt").write_text("x")
+    info = server.info
+    args = ["--host", info["host"], "--user", info["user"], "-P", str(info["ssh_port"])]
+    args += ["-O", str(info["fasp_port"]), "--accept-host-key", "--persist", "30"]
+    env = {**password_env(server), "SLIPSTREAM_KNOWN_HOSTS": "kh"}
+    first = cli("send", *args, "--json-events", "f.txt", "/", cwd=tmp_path, env=env)
+    assert logins(first) == ["new"]
+    assert _wait_for(lambda: sockets(run_dir), 15)
+    second = cli("send", *args, "--json-events", "f.txt", "/g.txt", cwd=tmp_path, env=env)
+    assert logins(second) == ["shared"]
+    assert len((tmp_path / "kh").read_text().splitlines()) == 1  # known once, by the client
+    assert not Path("/kh").exists()
+
+
 def test_persist_from_the_environment_and_downloads(
     server: ServerHandle, tmp_path: Path, run_dir: Path
 ) -> None:

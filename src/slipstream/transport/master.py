@@ -9,6 +9,8 @@ one JSON line:
   ahead of time for the next client, so usually at once) and answers
   ``{"ok": true, "peer": [ip, port], "fingerprint": "SHA256:..."}`` (or ``{"ok": false,
   "error": {...}}``); from then on the socket carries the stream's bytes both ways.
+- ``{"op": "info"}``: answers ``{"ok": true, "user", "server", "fingerprint", "pid",
+  "streams", "persist_s"}`` (``slipstream logins``).
 - ``{"op": "exit"}``: answers ``{"ok": true}``, then closes the connection and exits.
 
 It exits when it has had no stream for ``persist`` seconds, when its SSH connection ends,
@@ -59,6 +61,9 @@ class Master:
         self._spare = asyncio.ensure_future(
             open_control_stream(self.ssh.conn, self.ssh.where, REQUEST_TIMEOUT)
         )
+        # A spare that fails is simply not used (_take_stream opens another): its error is
+        # read here so asyncio does not report it as never retrieved.
+        self._spare.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def close_spare(self) -> None:
         if self._spare is not None:
@@ -75,6 +80,17 @@ class Master:
                     return reader, writer
                 writer.close()
         return await open_control_stream(self.ssh.conn, self.ssh.where, REQUEST_TIMEOUT)
+
+    def info(self) -> dict[str, Any]:
+        """What ``slipstream logins`` shows."""
+        return {
+            "user": self.login.user,
+            "server": self.ssh.where,
+            "fingerprint": self.ssh.fingerprint,
+            "pid": os.getpid(),
+            "streams": self.active,
+            "persist_s": self.login.persist,
+        }
 
     def start_idle_timer(self) -> None:
         self._cancel_idle_timer()
@@ -98,7 +114,11 @@ class Master:
                 return
             line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
             request = json.loads(line or b"{}")
-            if request.get("op") == "exit":
+            if not isinstance(request, dict):
+                request = {}
+            if request.get("op") == "info":
+                await _reply(writer, {"ok": True, **self.info()})
+            elif request.get("op") == "exit":
                 await _reply(writer, {"ok": True})
                 self.done.set()
             elif request.get("op") == "open":

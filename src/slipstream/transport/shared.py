@@ -171,20 +171,34 @@ def start_master_in_background(login: SharedLogin) -> asyncio.Future[None]:
 
 async def stop_master(path: Path) -> bool:
     """Ask the master listening on ``path`` to close its connection and exit."""
+    reply = await ask_master(path, "exit")
+    return bool(reply and reply.get("ok"))
+
+
+async def ask_master(path: Path, op: str) -> dict[str, Any] | None:
+    """One request (``info`` or ``exit``) to the master on ``path``; None if none answers."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT
         )
     except (OSError, TimeoutError):
-        return False
+        return None
     try:
-        writer.write(b'{"op": "exit"}\n')
+        writer.write(json.dumps({"op": op}).encode() + b"\n")
         reply = json.loads(await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT))
-        return bool(reply.get("ok"))
+        return reply if isinstance(reply, dict) else None
     except (OSError, TimeoutError, ValueError):
-        return False
+        return None
     finally:
         writer.close()
+
+
+def master_sockets() -> list[Path]:
+    """The sockets of this user's masters (some may be stale)."""
+    try:
+        return sorted(private_runtime_dir().glob("ssh-*.sock"))
+    except (OSError, UnsafeRunDir):
+        return []
 
 
 def persist_from_env(default: float = 0.0) -> float:
