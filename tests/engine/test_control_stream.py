@@ -40,7 +40,6 @@ def tcp_pair() -> Any:
     server.close()
 
 
-@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="Linux-only socket option")
 async def test_a_batch_is_one_corked_write_and_the_cork_comes_off(tcp_pair: Any) -> None:
     client, server = tcp_pair
     writer = _Writer(client)

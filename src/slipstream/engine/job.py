@@ -213,9 +213,12 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
         user=user,
         persist=options.persist,
         password=password,
-        client_keys=tuple(keys) if keys or spec.authentication == "token" else None,
+        # Absolute: a master (transport/master.py) runs in another folder.
+        client_keys=tuple(_absolute(k) for k in keys)
+        if keys or spec.authentication == "token"
+        else None,
         passphrase=getattr(spec, "ssh_private_key_passphrase", None),
-        known_hosts=str(options.known_hosts or default_known_hosts_path()),
+        known_hosts=_absolute(options.known_hosts or default_known_hosts_path()),
         sshfp=spec.sshfp,
         accept_new_host=options.accept_new_host,
     )
@@ -259,13 +262,18 @@ async def _run(spec: TransferSpec, options: ClientOptions, emit: Emit) -> Transf
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
-        if starting is not None:
-            await starting
+        if starting is not None:  # best effort: never the transfer's outcome
+            with contextlib.suppress(Exception):
+                await starting
     if fallback is not None:
         return await _run_http(spec, options, emit, fallback, reason)
     result = TransferResult(spec.direction, totals)
     emit({"type": "session_done", **result.as_dict()})
     return result
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().absolute())
 
 
 async def _control_channel(
