@@ -46,6 +46,7 @@ from pathlib import Path
 WANEM = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "wanem" / "wanem"
 WAN_SERVER, WAN_RATE_MBIT, WAN_DELAY_MS = "10.77.0.2", 100, 50
 FILES, FOLDERS, FILE_SIZE = 10_000, 100, 10 * 1024
+SSHD_PORT = 22022
 PAYLOAD = FILES * FILE_SIZE
 
 SSHD_CONFIG = """\
@@ -118,7 +119,7 @@ class Servers:
                 check=True,
             )
         shutil.copy(self.root / "id_ed25519.pub", self.root / "authorized_keys")
-        port = 22022
+        port = SSHD_PORT
         text = SSHD_CONFIG.format(port=port, listen=self.net.host, root=self.root)
         (self.root / "sshd_config").write_text(text)
         Path("/run/sshd").mkdir(exist_ok=True)
@@ -256,6 +257,25 @@ def tool_commands(servers: Servers, src: Path, dest: Path, warm: bool) -> dict[s
     return commands
 
 
+def wait_for_closed_connections(net: Net, port: int = SSHD_PORT, limit: float = 180) -> None:
+    """After a TCP tool is stopped, the kernel still sends what its socket had buffered
+    (several MB at 1 % loss, for tens of seconds): the next run must not share the link
+    with it. Waits until no connection to the sshd has anything left to send (an idle
+    ControlMaster connection may stay)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        listing = subprocess.run(
+            net.client(["ss", "-Htn", "state", "all", "dport", f"= :{port}"]),
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if all(int(line.split()[2]) == 0 for line in listing.splitlines()):
+            return
+        time.sleep(1)
+    print(f"  (a connection to port {port} was still open after {limit:g} s)", flush=True)
+
+
 def fresh_folder(dest: Path) -> None:
     """An empty ``dest``. After a run stopped at the cap, the server's side of a TCP tool
     (tar, scp's sftp-server) may still be writing for a while: wait until it has stopped, or
@@ -283,6 +303,8 @@ def run_matrix(servers: Servers, src: Path, args: argparse.Namespace) -> dict[st
                 continue
             fresh_folder(dest)
             outcome = timed(command, args.cap, dest, env)
+            if outcome.capped:
+                wait_for_closed_connections(servers.net)
             if attempt < 0:
                 print(f"  {name:20} {outcome.seconds:7.2f} s  (untimed first run)", flush=True)
                 continue
