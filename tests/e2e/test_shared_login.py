@@ -70,6 +70,14 @@ def logins(result) -> list[str]:  # type: ignore[no-untyped-def]
     return [e["login"] for e in events if e["type"] == "session_start"]
 
 
+def first_transfer_starts_a_master(
+    server: ServerHandle, tmp_path: Path, run_dir: Path, persist: str = "30"
+) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    assert logins(send(server, tmp_path, "--persist", persist, "f.txt", "/")) == ["new"]
+    assert _wait_for(lambda: sockets(run_dir), 15), "no master came up"
+
+
 def sockets(folder: Path) -> list[Path]:
     return sorted(folder.glob("ssh-*.sock"))
 
@@ -94,9 +102,7 @@ def test_later_transfers_reuse_one_login(
 def test_logins_lists_and_closes_kept_logins(
     server: ServerHandle, tmp_path: Path, run_dir: Path
 ) -> None:
-    (tmp_path / "f.txt").write_text("x")
-    logins(send(server, tmp_path, "--persist", "30", "f.txt", "/"))
-    assert _wait_for(lambda: sockets(run_dir), 15)
+    first_transfer_starts_a_master(server, tmp_path, run_dir)
     listed = cli("logins")
     assert listed.returncode == 0, listed.stderr
     port = server.info["ssh_port"]
@@ -148,9 +154,7 @@ def test_without_persist_nothing_stays(server: ServerHandle, tmp_path: Path, run
 
 
 def test_the_master_leaves_when_idle(server: ServerHandle, tmp_path: Path, run_dir: Path) -> None:
-    (tmp_path / "f.txt").write_text("x")
-    assert logins(send(server, tmp_path, "--persist", "1", "f.txt", "/")) == ["new"]
-    assert _wait_for(lambda: sockets(run_dir), 15)
+    first_transfer_starts_a_master(server, tmp_path, run_dir, persist="1")
     assert _wait_for(lambda: not sockets(run_dir), 10), "the idle master did not leave"
     assert logins(send(server, tmp_path, "--persist", "1", "f.txt", "/again.txt")) == ["new"]
 
@@ -158,9 +162,7 @@ def test_the_master_leaves_when_idle(server: ServerHandle, tmp_path: Path, run_d
 def test_a_stale_socket_means_a_login_and_a_new_master(
     server: ServerHandle, tmp_path: Path, run_dir: Path
 ) -> None:
-    (tmp_path / "f.txt").write_text("x")
-    logins(send(server, tmp_path, "--persist", "30", "f.txt", "/"))
-    assert _wait_for(lambda: sockets(run_dir), 15)
+    first_transfer_starts_a_master(server, tmp_path, run_dir)
     path = sockets(run_dir)[0]
     asyncio.run(stop_master(path))
     assert _wait_for(lambda: not path.exists(), 10)
@@ -191,9 +193,7 @@ def _answers(path: Path) -> bool:
 def test_a_server_error_arrives_through_the_shared_login(
     server: ServerHandle, tmp_path: Path, run_dir: Path
 ) -> None:
-    (tmp_path / "f.txt").write_text("x")
-    logins(send(server, tmp_path, "--persist", "30", "f.txt", "/"))
-    assert _wait_for(lambda: sockets(run_dir), 15)
+    first_transfer_starts_a_master(server, tmp_path, run_dir)
     result = send(server, tmp_path, "--persist", "30", "f.txt", "/../outside")
     assert result.returncode != 0
     errors = [json.loads(line) for line in result.stdout.splitlines()]
