@@ -90,7 +90,6 @@ class SharedControl:
     """A control stream relayed by a master: what ControlChannel offers the engine."""
 
     exit_status = None  # like the direct channel, which carries no status
-    shared = True
 
     def __init__(
         self,
@@ -114,24 +113,41 @@ async def open_shared_control(login: SharedLogin) -> SharedControl | None:
     """A control stream from this login's master; None when there is no usable master."""
     try:
         path = login.socket_path()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT
-        )
-    except (OSError, TimeoutError, UnsafeRunDir):
-        return None  # none running (or a stale socket: the next master replaces it)
-    try:
-        writer.write(b'{"op": "open"}\n')
-        reply = json.loads(await asyncio.wait_for(reader.readline(), OPEN_TIMEOUT))
-    except (OSError, TimeoutError, ValueError) as exc:
-        log.info("the shared connection at %s did not answer (%s): logging in", path, exc)
-        writer.close()
+    except (OSError, UnsafeRunDir):
         return None
+    answer = await _request(path, "open", OPEN_TIMEOUT)
+    if answer is None:
+        return None  # none running (or a stale socket: the next master replaces it)
+    reader, writer, reply = answer
     if not reply.get("ok"):
-        log.info("the shared connection at %s refused (%s): logging in", path, reply)
+        log.info("the shared login at %s refused (%s): logging in", path, reply)
         writer.close()
         return None
     peer = reply["peer"]
     return SharedControl(reader, writer, (str(peer[0]), int(peer[1])), str(reply["fingerprint"]))
+
+
+async def _request(
+    path: Path, op: str, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]] | None:
+    """Send one request to the master on ``path``; its reply and the open connection, or
+    None (nothing listening, no answer, not a reply)."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT
+        )
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(json.dumps({"op": op}).encode() + b"\n")
+        reply = json.loads(await asyncio.wait_for(reader.readline(), timeout))
+    except (OSError, TimeoutError, ValueError) as exc:
+        log.info("the shared login at %s did not answer %r: %s", path, op, exc)
+        reply = None
+    if not isinstance(reply, dict):
+        writer.close()
+        return None
+    return reader, writer, reply
 
 
 def start_master(login: SharedLogin) -> None:
@@ -177,20 +193,12 @@ async def stop_master(path: Path) -> bool:
 
 async def ask_master(path: Path, op: str) -> dict[str, Any] | None:
     """One request (``info`` or ``exit``) to the master on ``path``; None if none answers."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT
-        )
-    except (OSError, TimeoutError):
+    answer = await _request(path, op, CONNECT_TIMEOUT)
+    if answer is None:
         return None
-    try:
-        writer.write(json.dumps({"op": op}).encode() + b"\n")
-        reply = json.loads(await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT))
-        return reply if isinstance(reply, dict) else None
-    except (OSError, TimeoutError, ValueError):
-        return None
-    finally:
-        writer.close()
+    _reader, writer, reply = answer
+    writer.close()
+    return reply
 
 
 def master_sockets() -> list[Path]:
