@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from slipstream.errors import UsageError
 from slipstream.transport.rundir import UnsafeRunDir, private_runtime_dir
 
 log = logging.getLogger("slipstream.transport.shared")
@@ -217,7 +218,5 @@ def persist_from_env(default: float = 0.0) -> float:
     try:
         value = float(text)
     except ValueError:
-        from slipstream.errors import UsageError
-
         raise UsageError(f"{PERSIST_ENV}={text!r}: expected seconds, e.g. 60") from None
     return max(value, 0.0)
